@@ -1,0 +1,40 @@
+"""The one attention entry point of the project.
+
+`attention(q, k, v, q_segment_ids, kv_segment_ids, backend=...)` takes q [B, Lq, H, D], k and v [B, Lk, H, D]
+and optional int segment ids [B, Lq] / [B, Lk]: a query attends exactly to the keys of its own segment. The DiT
+gives image and valid text tokens segment 1 and padded text tokens segment 2, which is the official
+(flash-attn varlen) semantics: padding never reaches image or valid text. Softmax is computed in fp32; the
+scale is 1/sqrt(D).
+
+Backends are registered by name in `BACKENDS`; the config picks one (`model.attention_backend`).
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None):
+    """Reference attention: the full [B, H, Lq, Lk] score matrix, fp32 logits and softmax."""
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if q_segment_ids is not None:
+        mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+BACKENDS: dict[str, Callable] = {
+    "xla": xla_attention,
+}
+
+
+def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, backend: str = "xla"):
+    """Multi-head attention with segment-id masking; see the module docstring for shapes and semantics."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {sorted(BACKENDS)}")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+    return BACKENDS[backend](q, k, v, q_segment_ids, kv_segment_ids)

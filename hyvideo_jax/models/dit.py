@@ -1,0 +1,327 @@
+"""The HunyuanVideo diffusion transformer (reference §1): embedders, token refiner, 3D RoPE, double-stream and
+single-stream blocks (each stack an `nn.scan` over stacked parameters, optionally rematerialized), final layer.
+
+    model = HunyuanVideoDiT(DiTConfig.from_config(config.model))
+    velocity = model.apply({"params": params}, latents, timesteps, text_states, text_mask, pooled_text, guidance)
+
+Latents are channel-last [B, T, H, W, C]; the prediction has the same layout (out_channels). Timesteps are
+1000·σ as floats [B]; `guidance` is the embedded guidance scale × 1000 [B] (the released pipelines round that
+product to bf16, e.g. 6.0 → 6016.0; callers do that, the model takes the value as given).
+"""
+
+import dataclasses
+from typing import Any, Mapping
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hyvideo_jax.models.attention import BACKENDS, attention
+from hyvideo_jax.models.layers import (MLP, LayerNorm, Modulation, RMSNorm, VectorEmbedder, dense, modulate)
+from hyvideo_jax.models.rope import apply_rope, rope_tables
+
+REMAT_POLICIES = {
+    "none": None,  # keep every activation (no rematerialization)
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+PADDING_SEGMENT = 2  # segment id of padded text tokens; image and valid text tokens are segment 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Hyper-parameters of the transformer. Defaults are the released 13B model ("HYVideo-T/2-cfgdistill")."""
+    in_channels: int = 16
+    out_channels: int = 16
+    hidden_size: int = 3072
+    num_heads: int = 24
+    mlp_ratio: float = 4.0
+    depth_double: int = 20
+    depth_single: int = 40
+    depth_refiner: int = 2
+    patch_size: int = 2
+    patch_size_t: int = 1
+    text_states_dim: int = 4096
+    pooled_text_dim: int = 768
+    rope_axes_dim: tuple[int, ...] = (16, 56, 56)
+    rope_theta: float = 256.0
+    qkv_bias: bool = True
+    guidance_embed: bool = True
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat_policy: str = "none"
+    attention_backend: str = "xla"
+
+    def __post_init__(self):
+        object.__setattr__(self, "rope_axes_dim", tuple(int(d) for d in self.rope_axes_dim))
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def patch_volume(self) -> int:
+        return self.patch_size_t * self.patch_size * self.patch_size
+
+    def validate(self):
+        """Raise ValueError naming the first inconsistent field."""
+        def fail(field, msg):
+            raise ValueError(f"model.{field}: {msg}")
+        for f in ("in_channels", "out_channels", "hidden_size", "num_heads", "patch_size", "patch_size_t",
+                  "text_states_dim", "pooled_text_dim"):
+            if int(getattr(self, f)) <= 0:
+                fail(f, f"must be positive, got {getattr(self, f)}")
+        for f in ("depth_double", "depth_single", "depth_refiner"):
+            if int(getattr(self, f)) < 0:
+                fail(f, f"must be >= 0, got {getattr(self, f)}")
+        if self.hidden_size % self.num_heads:
+            fail("num_heads", f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if len(self.rope_axes_dim) != 3 or sum(self.rope_axes_dim) != self.head_dim:
+            fail("rope_axes_dim", f"needs three even entries (t, h, w) summing to the head dim {self.head_dim}, "
+                 f"got {self.rope_axes_dim}")
+        for f in ("param_dtype", "dtype"):
+            if getattr(self, f) not in ("float32", "bfloat16", "float16"):
+                fail(f, f"must be float32, bfloat16 or float16, got {getattr(self, f)!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            fail("remat_policy", f"must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
+        if self.attention_backend not in BACKENDS:
+            fail("attention_backend", f"must be one of {sorted(BACKENDS)}, got {self.attention_backend!r}")
+
+    @classmethod
+    def from_config(cls, config: "DiTConfig | Mapping[str, Any]") -> "DiTConfig":
+        """From a `DiTConfig`, a dict or an ml_collections ConfigDict (e.g. `config.model`); unknown keys are errors."""
+        if isinstance(config, cls):
+            return config
+        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rope_axes_dim"] = list(self.rope_axes_dim)
+        return d
+
+
+def _dtypes(cfg: DiTConfig):
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def _stack(block_cls, cfg: DiTConfig, length: int, name: str, n_broadcast: int):
+    """`length` copies of `block_cls` as one `nn.scan` (parameters stacked on a leading 'layers' axis)."""
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if policy is not None:
+        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+    return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast,) * n_broadcast, length=length,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
+
+
+def _qkv(x, cfg: DiTConfig, name: str):
+    """Fused q|k|v projection [B, L, D] → three [B, L, H, Dh] (kernel [D, 3, H, Dh])."""
+    qkv = dense((3, cfg.num_heads, cfg.head_dim), ("embed", None, "heads", "kv"), name=name,
+                use_bias=cfg.qkv_bias, **_dtypes(cfg))(x)
+    qkv = nn.with_logical_constraint(qkv, ("batch", "seq", None, "act_heads", "act_kv"))
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def _out_proj(x, cfg: DiTConfig, name: str, use_bias: bool = True):
+    """Attention output projection [B, L, H, Dh] → [B, L, D] (kernel [H, Dh, D])."""
+    return dense(cfg.hidden_size, ("heads", "kv", "embed"), name=name, axis=(-2, -1), use_bias=use_bias,
+                 **_dtypes(cfg))(x)
+
+
+def _residual(x):
+    return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+
+
+class TokenRefinerBlock(nn.Module):
+    """Self-attention + SiLU MLP over the text tokens with gate-only adaLN (reference §1.4)."""
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, x, c, segment_ids):
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+        gate_msa, gate_mlp = Modulation(2, name="adaLN_modulation", **dt)(c)
+        h = LayerNorm(affine=True, name="norm1", param_dtype=dt["param_dtype"])(x)
+        q, k, v = _qkv(h, cfg, "self_attn_qkv")
+        a = attention(q, k, v, segment_ids, segment_ids, backend=cfg.attention_backend)
+        x = x + gate_msa[:, None] * _out_proj(a, cfg, "self_attn_proj")
+        h = LayerNorm(affine=True, name="norm2", param_dtype=dt["param_dtype"])(x)
+        x = x + gate_mlp[:, None] * MLP(cfg.mlp_dim, activation=nn.silu, name="mlp", **dt)(h)
+        return _residual(x), None
+
+
+class TokenRefiner(nn.Module):
+    """`txt_in`: projects LLM states to the hidden size and refines them, conditioned on t and the masked mean."""
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, text_states, timesteps, text_mask):
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+        mask = text_mask.astype(jnp.float32)[..., None]
+        # Masked mean of the raw LLM states (fp32). A sample with no valid token pools to zeros instead of 0/0.
+        pooled = (text_states.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+        c = (VectorEmbedder(cfg.hidden_size, sinusoidal=True, name="t_embedder", **dt)(timesteps)
+             + VectorEmbedder(cfg.hidden_size, name="c_embedder", **dt)(pooled.astype(text_states.dtype)))
+        x = dense(cfg.hidden_size, ("text_embed", "embed"), name="input_embedder", **dt)(text_states)
+        segment_ids = jnp.where(text_mask.astype(bool), 1, PADDING_SEGMENT).astype(jnp.int32)
+        blocks = _stack(TokenRefinerBlock, cfg, cfg.depth_refiner, "blocks", n_broadcast=2)
+        x, _ = blocks(_residual(x), c, segment_ids)
+        return x
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate weights for image and text streams, joint attention over [image, text] (reference §1.7)."""
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, carry, vec, cos, sin, segment_ids):
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+        img, txt = carry
+        n_img = img.shape[1]
+        img_mod = Modulation(6, name="img_mod", **dt)(vec)
+        txt_mod = Modulation(6, name="txt_mod", **dt)(vec)
+
+        def stream_qkv(x, mod, prefix):
+            q, k, v = _qkv(modulate(LayerNorm()(x), mod[0], mod[1]), cfg, f"{prefix}_attn_qkv")
+            q = RMSNorm(name=f"{prefix}_attn_q_norm", param_dtype=dt["param_dtype"], axis_name="kv")(q)
+            k = RMSNorm(name=f"{prefix}_attn_k_norm", param_dtype=dt["param_dtype"], axis_name="kv")(k)
+            return q, k, v
+
+        img_q, img_k, img_v = stream_qkv(img, img_mod, "img")
+        img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
+        txt_q, txt_k, txt_v = stream_qkv(txt, txt_mod, "txt")
+        q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v)))
+        a = attention(q, k, v, segment_ids, segment_ids, backend=cfg.attention_backend)
+
+        def stream_out(x, a, mod, prefix):
+            x = x + mod[2][:, None] * _out_proj(a, cfg, f"{prefix}_attn_proj")
+            h = modulate(LayerNorm()(x), mod[3], mod[4])
+            x = x + mod[5][:, None] * MLP(cfg.mlp_dim, name=f"{prefix}_mlp", **dt)(h)
+            return _residual(x)
+
+        img = stream_out(img, a[:, :n_img], img_mod, "img")
+        txt = stream_out(txt, a[:, n_img:], txt_mod, "txt")
+        return (img, txt), None
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention + MLP over the joint [image, text] sequence (reference §1.8).
+
+    The original fused `linear1` (q|k|v|mlp-in) and `linear2` ([attn, mlp] → D) are kept as separate kernels
+    (`linear1_qkv`, `linear1_mlp`, `linear2_attn` with the bias, `linear2_mlp`) so heads and MLP width shard
+    independently; the conversion code splits and joins them.
+    """
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, x, vec, cos, sin, segment_ids):
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+        n_img = cos.shape[0]
+        shift, scale, gate = Modulation(3, name="modulation", **dt)(vec)
+        h = modulate(LayerNorm()(x), shift, scale)
+        q, k, v = _qkv(h, cfg, "linear1_qkv")
+        mlp = dense(cfg.mlp_dim, ("embed", "mlp"), name="linear1_mlp", **dt)(h)
+        mlp = nn.with_logical_constraint(nn.gelu(mlp), ("batch", "seq", "act_mlp"))
+        q = RMSNorm(name="q_norm", param_dtype=dt["param_dtype"], axis_name="kv")(q)
+        k = RMSNorm(name="k_norm", param_dtype=dt["param_dtype"], axis_name="kv")(k)
+        q = jnp.concatenate([apply_rope(q[:, :n_img], cos, sin), q[:, n_img:]], axis=1)
+        k = jnp.concatenate([apply_rope(k[:, :n_img], cos, sin), k[:, n_img:]], axis=1)
+        a = attention(q, k, v, segment_ids, segment_ids, backend=cfg.attention_backend)
+        out = (_out_proj(a, cfg, "linear2_attn")
+               + dense(cfg.hidden_size, ("mlp", "embed"), name="linear2_mlp", use_bias=False, **dt)(mlp))
+        return _residual(x + gate[:, None] * out), None
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) → Linear to one patch of output channels, ordered (pt, ph, pw, c)."""
+    cfg: DiTConfig
+
+    @nn.compact
+    def __call__(self, x, vec):
+        cfg, dt = self.cfg, _dtypes(self.cfg)
+        shift, scale = Modulation(2, name="adaLN_modulation", **dt)(vec)
+        x = modulate(LayerNorm()(x), shift, scale)
+        features = (cfg.patch_size_t, cfg.patch_size, cfg.patch_size, cfg.out_channels)
+        return dense(features, ("embed", None, None, None, None), name="linear", zero_init=True, **dt)(x)
+
+
+class HunyuanVideoDiT(nn.Module):
+    """The full transformer; see the module docstring for the call convention."""
+    config: DiTConfig
+
+    def _check_inputs(self, latents, timesteps, text_states, text_mask, pooled_text, guidance):
+        cfg = self.config
+
+        def fail(msg):
+            raise ValueError(msg)
+        if latents.ndim != 5:
+            fail(f"latents must be [B, T, H, W, C] (channel-last), got shape {latents.shape}")
+        b, t, h, w, c = latents.shape
+        if c != cfg.in_channels:
+            fail(f"latents have {c} channels, the model expects in_channels={cfg.in_channels} "
+                 f"(latents must be channel-last [B, T, H, W, C]; got shape {latents.shape})")
+        for size, p, axis in ((t, cfg.patch_size_t, "T"), (h, cfg.patch_size, "H"), (w, cfg.patch_size, "W")):
+            if size % p:
+                fail(f"latent {axis}={size} is not divisible by the patch size {p} (latents shape {latents.shape})")
+        if timesteps.shape != (b,):
+            fail(f"timesteps must have shape [B]=({b},), got {timesteps.shape}")
+        if text_states.ndim != 3 or text_states.shape[0] != b or text_states.shape[2] != cfg.text_states_dim:
+            fail(f"text_states must be [B={b}, L, {cfg.text_states_dim}], got {text_states.shape}")
+        if text_mask.shape != text_states.shape[:2]:
+            fail(f"text_mask must be [B, L]={text_states.shape[:2]} like text_states, got {text_mask.shape}")
+        if pooled_text.shape != (b, cfg.pooled_text_dim):
+            fail(f"pooled_text must be [B, {cfg.pooled_text_dim}]=({b}, {cfg.pooled_text_dim}), "
+                 f"got {pooled_text.shape}")
+        if cfg.guidance_embed and guidance is None:
+            fail("this model embeds a guidance value (guidance_embed=True): pass guidance [B] "
+                 "(embedded scale × 1000, e.g. 6016.0 for 6.0)")
+        if not cfg.guidance_embed and guidance is not None:
+            fail("this model has no guidance embedding (guidance_embed=False): pass guidance=None")
+        if guidance is not None and guidance.shape != (b,):
+            fail(f"guidance must have shape [B]=({b},), got {guidance.shape}")
+
+    @nn.compact
+    def __call__(self, latents, timesteps, text_states, text_mask, pooled_text, guidance=None):
+        cfg, dt = self.config, _dtypes(self.config)
+        timesteps = jnp.asarray(timesteps)
+        guidance = None if guidance is None else jnp.asarray(guidance)
+        self._check_inputs(latents, timesteps, text_states, text_mask, pooled_text, guidance)
+        pt, p = cfg.patch_size_t, cfg.patch_size
+        b, t, h, w, _ = latents.shape
+        grid = (t // pt, h // p, w // p)
+        cos, sin = rope_tables(grid, cfg.rope_axes_dim, cfg.rope_theta)
+
+        vec = (VectorEmbedder(cfg.hidden_size, sinusoidal=True, name="time_in", **dt)(timesteps)
+               + VectorEmbedder(cfg.hidden_size, name="vector_in", **dt)(pooled_text))
+        if cfg.guidance_embed:
+            vec = vec + VectorEmbedder(cfg.hidden_size, sinusoidal=True, name="guidance_in", **dt)(guidance)
+
+        patches = einops.rearrange(latents, "b (t pt) (h ph) (w pw) c -> b (t h w) pt ph pw c", pt=pt, ph=p, pw=p)
+        img = dense(cfg.hidden_size, (None, None, None, None, "embed"), name="img_in", axis=(-4, -3, -2, -1),
+                    **dt)(patches)
+        txt = TokenRefiner(cfg, name="txt_in")(text_states, timesteps, text_mask)
+
+        n_img = img.shape[1]
+        text_segments = jnp.where(text_mask.astype(bool), 1, PADDING_SEGMENT).astype(jnp.int32)
+        segment_ids = jnp.concatenate([jnp.ones((b, n_img), jnp.int32), text_segments], axis=1)
+        double = _stack(DoubleStreamBlock, cfg, cfg.depth_double, "double_blocks", n_broadcast=4)
+        (img, txt), _ = double((_residual(img), _residual(txt)), vec, cos, sin, segment_ids)
+        single = _stack(SingleStreamBlock, cfg, cfg.depth_single, "single_blocks", n_broadcast=4)
+        x, _ = single(jnp.concatenate([img, txt], axis=1), vec, cos, sin, segment_ids)
+
+        out = FinalLayer(cfg, name="final_layer")(x[:, :n_img], vec)
+        out = einops.rearrange(out, "b (t h w) pt ph pw c -> b (t pt) (h ph) (w pw) c",
+                               t=grid[0], h=grid[1], w=grid[2])
+        return out.astype(latents.dtype)

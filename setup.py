@@ -1,0 +1,47 @@
+"""hyvideo_jax: HunyuanVideo in JAX/Flax, for TPU-pod training, Colab evaluation and PyTorch interop."""
+
+from setuptools import find_packages, setup
+
+JAX_VERSION = "0.10.2"
+
+INSTALL_REQUIRES = [
+    f"jax=={JAX_VERSION}",
+    f"jaxlib=={JAX_VERSION}",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "ml-collections==1.1.0",
+    "einops==0.8.2",
+    "clu==0.0.12",
+    "absl-py==2.5.1",
+    "numpy>=2.0,<3",
+    "safetensors==0.8.0",
+    "tqdm==4.70.1",
+]
+
+EXTRAS_REQUIRE = {
+    # Ground truth for the parity tests comes from the PyTorch references.
+    "test": [
+        "torch==2.13.0",
+        "diffusers==0.42.1",
+        "transformers==5.24.0",
+        "safetensors==0.8.0",
+        "pytest==9.2.0",
+    ],
+    "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+}
+
+setup(
+    name="hyvideo_jax",
+    version="0.1.0",
+    description="HunyuanVideo (causal 3D VAE + dual/single-stream DiT) in JAX/Flax for TPU pods",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["hyvideo_jax", "hyvideo_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license="Apache-2.0",
+)
