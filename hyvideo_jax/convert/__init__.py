@@ -1,1 +1,3 @@
 """PyTorch ↔ Flax weight conversion for the DiT (official and diffusers layouts) and the VAE."""
+
+from hyvideo_jax.convert.dit import load_torch_dit, save_torch_dit  # noqa: F401

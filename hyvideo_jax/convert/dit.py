@@ -1,0 +1,446 @@
+"""PyTorch ↔ Flax conversion of the HunyuanVideo transformer.
+
+    config, params = load_torch_dit("mp_rank_00_model_states.pt")       # or a diffusers folder / a state dict
+    save_torch_dit(config, params, "out_folder", layout="diffusers")     # or layout="official" → a .pt file
+
+Our parameter tree (see `hyvideo_jax.models.dit`) differs from the PyTorch layouts only by transposes, reshapes,
+slices and concatenations, all owned by the `_Group` table below; so every conversion is bit-exact. Block
+parameters are stacked on a leading axis (`nn.scan`); the table maps each PyTorch block to one slice of it.
+Conversion streams tensor by tensor (memory-mapped `.pt`, per-tensor safetensors), so it needs about one copy
+of the weights in RAM.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from hyvideo_jax.convert.dit_layouts import DiffusersAsOfficial, detect_layout, official_to_diffusers
+from hyvideo_jax.convert.torch_io import TensorSource, require_torch, to_numpy, to_torch, write_safetensors_folder
+from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """Official tensors ↔ our parameter leaves (one block's slice of them when `layer` is set)."""
+    official: tuple[str, ...]
+    ours: tuple[Path, ...]
+    to_ours: Callable[[list[np.ndarray], list[tuple[int, ...]]], list[np.ndarray]]
+    to_official: Callable[[list[np.ndarray]], list[np.ndarray]]
+    layer: int | None = None
+
+
+def _linear(official: str, ours: Path, n_in: int = 1, bias: bool = True, layer=None) -> _Group:
+    """torch Linear W [out, in] ↔ our kernel [*in_axes, *out_axes] = Wᵀ reshaped (`n_in` leading input axes)."""
+    names = (f"{official}.weight",) + ((f"{official}.bias",) if bias else ())
+    paths = (ours + ("kernel",),) + ((ours + ("bias",),) if bias else ())
+
+    def to_ours(arrays, shapes):
+        return [arrays[0].T.reshape(shapes[0])] + ([arrays[1].reshape(shapes[1])] if bias else [])
+
+    def to_official(arrays):
+        k = arrays[0]
+        n_out = math.prod(k.shape[n_in:])
+        return [k.reshape(-1, n_out).T] + ([arrays[1].reshape(-1)] if bias else [])
+    return _Group(names, paths, to_ours, to_official, layer)
+
+
+def _same(official: str, ours: Path, layer=None) -> _Group:
+    """A tensor that is stored identically (norm scales and biases)."""
+    return _Group((official,), (ours,), lambda a, s: [a[0].reshape(s[0])], lambda a: [a[0]], layer)
+
+
+def _norm(official: str, ours: Path, affine_bias: bool = False, layer=None) -> list[_Group]:
+    groups = [_same(f"{official}.weight", ours + ("scale",), layer)]
+    if affine_bias:
+        groups.append(_same(f"{official}.bias", ours + ("bias",), layer))
+    return groups
+
+
+def _patch_embed() -> _Group:
+    """Conv3d weight [D, C, pt, ph, pw] ↔ our kernel [pt, ph, pw, C, D] (channel-last patches)."""
+    return _Group(("img_in.proj.weight", "img_in.proj.bias"), (("img_in", "kernel"), ("img_in", "bias")),
+                  lambda a, s: [a[0].transpose(2, 3, 4, 1, 0), a[1]],
+                  lambda a: [a[0].transpose(4, 3, 0, 1, 2), a[1]])
+
+
+def _final_linear(cfg: DiTConfig) -> _Group:
+    """Linear [C·pt·ph·pw, D] with outputs ordered (c, pt, ph, pw) ↔ our kernel [D, pt, ph, pw, C]."""
+    patch = (cfg.out_channels, cfg.patch_size_t, cfg.patch_size, cfg.patch_size)
+
+    def to_ours(a, s):
+        return [a[0].T.reshape(-1, *patch).transpose(0, 2, 3, 4, 1), a[1].reshape(patch).transpose(1, 2, 3, 0)]
+
+    def to_official(a):
+        return [a[0].transpose(0, 4, 1, 2, 3).reshape(a[0].shape[0], -1).T, a[1].transpose(3, 0, 1, 2).reshape(-1)]
+    return _Group(("final_layer.linear.weight", "final_layer.linear.bias"),
+                  (("final_layer", "linear", "kernel"), ("final_layer", "linear", "bias")), to_ours, to_official)
+
+
+def _single_linear1(cfg: DiTConfig, i: int) -> _Group:
+    """linear1 [3D+M, D] (q|k|v|mlp) ↔ linear1_qkv [D, 3, H, Dh] + linear1_mlp [D, M] (kernels and biases)."""
+    d3 = 3 * cfg.hidden_size
+    base = ("single_blocks",)
+
+    def to_ours(a, s):
+        w, b = a
+        return [w[:d3].T.reshape(s[0]), b[:d3].reshape(s[1]), w[d3:].T, b[d3:]]
+
+    def to_official(a):
+        qkv_k, qkv_b, mlp_k, mlp_b = a
+        w = np.concatenate([qkv_k.reshape(qkv_k.shape[0], -1).T, mlp_k.T], axis=0)
+        return [w, np.concatenate([qkv_b.reshape(-1), mlp_b])]
+    return _Group((f"single_blocks.{i}.linear1.weight", f"single_blocks.{i}.linear1.bias"),
+                  (base + ("linear1_qkv", "kernel"), base + ("linear1_qkv", "bias"),
+                   base + ("linear1_mlp", "kernel"), base + ("linear1_mlp", "bias")), to_ours, to_official, i)
+
+
+def _single_linear2(cfg: DiTConfig, i: int) -> _Group:
+    """linear2 [D, D+M] on [attn, mlp] ↔ linear2_attn [H, Dh, D] (+ the bias) and linear2_mlp [M, D]."""
+    d = cfg.hidden_size
+    base = ("single_blocks",)
+
+    def to_ours(a, s):
+        w, b = a
+        return [w[:, :d].T.reshape(s[0]), b, w[:, d:].T]
+
+    def to_official(a):
+        attn_k, bias, mlp_k = a
+        return [np.concatenate([attn_k.reshape(d, d).T, mlp_k.T], axis=1), bias]
+    return _Group((f"single_blocks.{i}.linear2.weight", f"single_blocks.{i}.linear2.bias"),
+                  (base + ("linear2_attn", "kernel"), base + ("linear2_attn", "bias"), base + ("linear2_mlp", "kernel")),
+                  to_ours, to_official, i)
+
+
+def _embedder(official_1: str, official_2: str, ours: Path) -> list[_Group]:
+    return [_linear(official_1, ours + ("linear_1",)), _linear(official_2, ours + ("linear_2",))]
+
+
+def conversion_groups(cfg: DiTConfig) -> list[_Group]:
+    """The complete official ↔ ours table for a config (one entry per tensor group and block)."""
+    g: list[_Group] = [_patch_embed()]
+    g += [_linear("txt_in.input_embedder", ("txt_in", "input_embedder"))]
+    g += _embedder("txt_in.t_embedder.mlp.0", "txt_in.t_embedder.mlp.2", ("txt_in", "t_embedder"))
+    g += _embedder("txt_in.c_embedder.linear_1", "txt_in.c_embedder.linear_2", ("txt_in", "c_embedder"))
+    for i in range(cfg.depth_refiner):
+        o, u = f"txt_in.individual_token_refiner.blocks.{i}", ("txt_in", "blocks")
+        g += _norm(f"{o}.norm1", u + ("norm1",), affine_bias=True, layer=i)
+        g += _norm(f"{o}.norm2", u + ("norm2",), affine_bias=True, layer=i)
+        g += [_linear(f"{o}.self_attn_qkv", u + ("self_attn_qkv",), layer=i),
+              _linear(f"{o}.self_attn_proj", u + ("self_attn_proj",), n_in=2, layer=i),
+              _linear(f"{o}.mlp.fc1", u + ("mlp", "fc1"), layer=i),
+              _linear(f"{o}.mlp.fc2", u + ("mlp", "fc2"), layer=i),
+              _linear(f"{o}.adaLN_modulation.1", u + ("adaLN_modulation", "linear"), layer=i)]
+    g += _embedder("time_in.mlp.0", "time_in.mlp.2", ("time_in",))
+    g += _embedder("vector_in.in_layer", "vector_in.out_layer", ("vector_in",))
+    if cfg.guidance_embed:
+        g += _embedder("guidance_in.mlp.0", "guidance_in.mlp.2", ("guidance_in",))
+    for i in range(cfg.depth_double):
+        o, u = f"double_blocks.{i}", ("double_blocks",)
+        for s in ("img", "txt"):
+            g += [_linear(f"{o}.{s}_mod.linear", u + (f"{s}_mod", "linear"), layer=i),
+                  _linear(f"{o}.{s}_attn_qkv", u + (f"{s}_attn_qkv",), bias=cfg.qkv_bias, layer=i),
+                  _linear(f"{o}.{s}_attn_proj", u + (f"{s}_attn_proj",), n_in=2, layer=i),
+                  _linear(f"{o}.{s}_mlp.fc1", u + (f"{s}_mlp", "fc1"), layer=i),
+                  _linear(f"{o}.{s}_mlp.fc2", u + (f"{s}_mlp", "fc2"), layer=i)]
+            g += _norm(f"{o}.{s}_attn_q_norm", u + (f"{s}_attn_q_norm",), layer=i)
+            g += _norm(f"{o}.{s}_attn_k_norm", u + (f"{s}_attn_k_norm",), layer=i)
+    for i in range(cfg.depth_single):
+        o, u = f"single_blocks.{i}", ("single_blocks",)
+        g += [_single_linear1(cfg, i), _single_linear2(cfg, i),
+              _linear(f"{o}.modulation.linear", u + ("modulation", "linear"), layer=i)]
+        g += _norm(f"{o}.q_norm", u + ("q_norm",), layer=i) + _norm(f"{o}.k_norm", u + ("k_norm",), layer=i)
+    g += [_final_linear(cfg), _linear("final_layer.adaLN_modulation.1", ("final_layer", "adaLN_modulation", "linear"))]
+    return g
+
+
+def param_shapes(cfg: DiTConfig) -> dict:
+    """Our parameter tree as ShapeDtypeStructs (no allocation), for a config."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    model = HunyuanVideoDiT(cfg)
+    p = cfg.patch_size
+    b, t, h, w = 1, cfg.patch_size_t, p, p
+    args = (jnp.zeros((b, t, h, w, cfg.in_channels)), jnp.zeros((b,)), jnp.zeros((b, 1, cfg.text_states_dim)),
+            jnp.ones((b, 1), jnp.int32), jnp.zeros((b, cfg.pooled_text_dim)),
+            jnp.zeros((b,)) if cfg.guidance_embed else None)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))
+    return nn.unbox(shapes)["params"]
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# config ↔ checkpoint
+
+DIFFUSERS_CONFIG_KEYS = {  # diffusers config.json key → our DiTConfig field
+    "in_channels": "in_channels", "out_channels": "out_channels", "num_layers": "depth_double",
+    "num_single_layers": "depth_single", "num_refiner_layers": "depth_refiner", "mlp_ratio": "mlp_ratio",
+    "patch_size": "patch_size", "patch_size_t": "patch_size_t", "guidance_embeds": "guidance_embed",
+    "text_embed_dim": "text_states_dim", "pooled_projection_dim": "pooled_text_dim", "rope_theta": "rope_theta",
+    "rope_axes_dim": "rope_axes_dim",
+}
+
+
+def config_from_diffusers(d: Mapping[str, Any], **overrides) -> DiTConfig:
+    """Our config from a diffusers `HunyuanVideoTransformer3DModel` config.json dict."""
+    if d.get("qk_norm", "rms_norm") != "rms_norm":
+        raise ValueError(f"qk_norm={d['qk_norm']!r} is not supported (HunyuanVideo uses 'rms_norm')")
+    if d.get("image_condition_type") is not None:
+        raise ValueError(f"image_condition_type={d['image_condition_type']!r} (image-to-video variants) is not "
+                         "supported; only the text-to-video transformer is")
+    values = {ours: d[k] for k, ours in DIFFUSERS_CONFIG_KEYS.items() if k in d}
+    values["num_heads"] = d.get("num_attention_heads", 24)
+    values["hidden_size"] = values["num_heads"] * d.get("attention_head_dim", 128)
+    values.update(overrides)
+    return DiTConfig(**values)
+
+
+def config_to_diffusers(cfg: DiTConfig) -> dict[str, Any]:
+    """The diffusers config.json for our config."""
+    if not cfg.qkv_bias:
+        raise ValueError("diffusers' HunyuanVideoTransformer3DModel always has q/k/v biases; this config has "
+                         "qkv_bias=False")
+    d = {"_class_name": "HunyuanVideoTransformer3DModel", "_diffusers_version": "0.42.1",
+         "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim, "qk_norm": "rms_norm",
+         "image_condition_type": None}
+    for k, ours in DIFFUSERS_CONFIG_KEYS.items():
+        v = getattr(cfg, ours)
+        d[k] = list(v) if isinstance(v, tuple) else v
+    return d
+
+
+def infer_config(source: Mapping[str, np.ndarray], **overrides) -> DiTConfig:
+    """A config from the tensor shapes of an official-layout source (RoPE settings are not stored in weights:
+    they default to the released model's and must be given in `overrides` for other head dims)."""
+    def shape(name):
+        if name not in source:
+            raise KeyError(f"cannot infer the config: the checkpoint lacks {name}")
+        return tuple(source.shape(name)) if hasattr(source, "shape") else tuple(source[name].shape)
+
+    def count(prefix, suffix):
+        n = 0
+        while f"{prefix}.{n}.{suffix}" in source:
+            n += 1
+        return n
+    hidden, c_in, pt, p, _ = shape("img_in.proj.weight")
+    depth_double = count("double_blocks", "img_mod.linear.weight")
+    depth_single = count("single_blocks", "modulation.linear.weight")
+    if depth_double:
+        head_dim = shape("double_blocks.0.img_attn_q_norm.weight")[0]
+        mlp_dim = shape("double_blocks.0.img_mlp.fc1.weight")[0]
+    elif depth_single:
+        head_dim = shape("single_blocks.0.q_norm.weight")[0]
+        mlp_dim = shape("single_blocks.0.linear1.weight")[0] - 3 * hidden
+    else:
+        raise ValueError("cannot infer the config: the checkpoint has no double or single blocks")
+    values = dict(
+        in_channels=c_in, out_channels=shape("final_layer.linear.weight")[0] // (pt * p * p), hidden_size=hidden,
+        num_heads=hidden // head_dim, mlp_ratio=mlp_dim / hidden, depth_double=depth_double, depth_single=depth_single,
+        depth_refiner=count("txt_in.individual_token_refiner.blocks", "norm1.weight"), patch_size=p, patch_size_t=pt,
+        text_states_dim=shape("txt_in.input_embedder.weight")[1], pooled_text_dim=shape("vector_in.in_layer.weight")[1],
+        guidance_embed="guidance_in.mlp.0.weight" in source,
+        qkv_bias=depth_double == 0 or "double_blocks.0.img_attn_qkv.bias" in source,
+        param_dtype=_dtype_name(source["img_in.proj.weight"].dtype),
+    )
+    values.update(overrides)
+    if "rope_axes_dim" not in values and head_dim != 128:
+        raise ValueError(f"head dim {head_dim} differs from the released model's 128: the RoPE split is not stored "
+                         "in the weights, pass config=... (with rope_axes_dim) to load_torch_dit")
+    return DiTConfig(**values)
+
+
+def _dtype_name(dtype) -> str:
+    name = np.dtype(dtype).name
+    return name if name in ("float32", "bfloat16", "float16") else "bfloat16"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fp8 checkpoints
+
+
+class _Fp8Dequantized(Mapping[str, np.ndarray]):
+    """An official fp8 checkpoint seen dequantized: W = W_fp8.to(bf16) · scale, per layer (as the original runs it)."""
+
+    def __init__(self, source: TensorSource, scales: Mapping[str, Any]):
+        self.source, self.scales = source, scales
+
+    def __getitem__(self, name):
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and module in self.scales:
+            torch = require_torch()
+            return to_numpy(to_torch(self.source[name]).to(torch.bfloat16) * self.scales[module])
+        return self.source[name]
+
+    def shape(self, name):
+        return self.source.shape(name)
+
+    def __iter__(self):
+        return iter(self.source)
+
+    def __len__(self):
+        return len(self.source)
+
+
+def _fp8_scales(fp8_map) -> Mapping[str, Any]:
+    if isinstance(fp8_map, Mapping):
+        return fp8_map
+    torch = require_torch()
+    return torch.load(os.fspath(fp8_map), map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def load_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTConfig | Mapping | None = None,
+                   *, fp8_map=None, load_key: str | None = None, dtype: str | None = None,
+                   progress: bool = True) -> tuple[DiTConfig, dict]:
+    """Load a PyTorch HunyuanVideo transformer as (config, params).
+
+    `path_or_state_dict`: an official `.pt` (weights under "module", or a bare state dict; `load_key` picks another
+    sub-dict such as "ema"), a diffusers folder (config.json + safetensors, which supplies the config), a
+    `.safetensors` file, or an in-memory state dict. `layout` ("official" | "diffusers") is detected when None.
+    fp8 checkpoints: give `fp8_map` (the `*_fp8_map.pt` path or dict); a file named `*_fp8.pt` finds its map beside it.
+    `config` overrides or replaces the inferred config (a DiTConfig or a dict of fields). `dtype` casts the params
+    (default: keep the checkpoint's dtype). Params are NumPy arrays in our tree layout (stacked blocks).
+    """
+    source = TensorSource.open(path_or_state_dict, load_key=load_key)
+    layout = layout or detect_layout(source)
+    if layout not in ("official", "diffusers"):
+        raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")
+    if fp8_map is None and isinstance(path_or_state_dict, (str, os.PathLike)):
+        candidate = os.fspath(path_or_state_dict)
+        if candidate.endswith("_fp8.pt") and os.path.exists(candidate[:-3] + "_map.pt"):
+            fp8_map = candidate[:-3] + "_map.pt"
+    official: Mapping[str, np.ndarray] = source
+    if layout == "diffusers":
+        official = DiffusersAsOfficial(source)
+        if official.unexpected or official.missing:
+            raise KeyError(_key_report(f"diffusers checkpoint {source.description}", official.missing,
+                                       official.unexpected))
+    if fp8_map is not None:
+        if layout != "official":
+            raise ValueError("fp8 scale maps belong to official-layout checkpoints")
+        official = _Fp8Dequantized(source, _fp8_scales(fp8_map))
+
+    sidecar = os.fspath(path_or_state_dict) + ".config.json" if isinstance(path_or_state_dict, (str, os.PathLike)) \
+        else None
+    if config is None and sidecar and os.path.exists(sidecar):  # written by save_torch_dit(layout="official")
+        with open(sidecar) as f:
+            config = DiTConfig.from_config(json.load(f))
+    overrides = config.to_dict() if isinstance(config, DiTConfig) else dict(config or {})
+    if layout == "diffusers" and source.config is not None:
+        cfg = config_from_diffusers(source.config, **overrides)
+    elif isinstance(config, DiTConfig):
+        cfg = config
+    else:
+        cfg = infer_config(official, **overrides)
+    if fp8_map is not None and "param_dtype" not in overrides:
+        cfg = dataclasses.replace(cfg, param_dtype="bfloat16")
+    return cfg, _official_to_params(official, cfg, source.description, dtype, progress)
+
+
+def _key_report(what: str, missing, unexpected) -> str:
+    lines = [f"{what} does not match the model:"]
+    if missing:
+        lines.append(f"  missing ({len(missing)}): " + ", ".join(sorted(missing)[:20]))
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(sorted(unexpected)[:20]))
+    return "\n".join(lines)
+
+
+def _official_to_params(official, cfg: DiTConfig, description: str, dtype: str | None, progress: bool) -> dict:
+    groups = conversion_groups(cfg)
+    expected = {n for grp in groups for n in grp.official}
+    present = set(official)
+    if expected != present:
+        raise KeyError(_key_report(f"checkpoint {description}", expected - present, present - expected))
+    shapes = param_shapes(cfg)
+    out_dtype = None if dtype is None else np.dtype(jax.numpy.dtype(dtype))
+    params: dict = {}
+    for grp in tqdm(groups, desc="converting to Flax", unit="group", disable=not progress):
+        arrays = [official[n] for n in grp.official]
+        targets = [_get(shapes, p) for p in grp.ours]
+        want = [t.shape[1:] if grp.layer is not None else t.shape for t in targets]
+        try:
+            converted = grp.to_ours(arrays, want)
+        except ValueError:
+            converted = None
+        if converted is None or any(c.shape != tuple(w) for c, w in zip(converted, want)):
+            expected_official = grp.to_official([np.zeros(w, np.int8) for w in want])
+            raise ValueError("shape mismatch: " + "; ".join(
+                f"{n} is {tuple(a.shape)} in the checkpoint, the config expects {tuple(e.shape)}"
+                for n, a, e in zip(grp.official, arrays, expected_official) if tuple(a.shape) != tuple(e.shape)))
+        for path, target, value in zip(grp.ours, targets, converted):
+            value_dtype = out_dtype or value.dtype
+            if grp.layer is None:
+                _set(params, path, np.ascontiguousarray(value, dtype=value_dtype))
+                continue
+            try:
+                stacked = _get(params, path)
+            except KeyError:
+                stacked = np.empty(target.shape, value_dtype)
+                _set(params, path, stacked)
+            stacked[grp.layer] = value
+    return params
+
+
+def params_to_official(cfg: DiTConfig, params, progress: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """Our params as (official name, NumPy array) pairs, one tensor at a time."""
+    for grp in tqdm(conversion_groups(cfg), desc="converting to PyTorch", unit="group", disable=not progress):
+        arrays = []
+        for path in grp.ours:
+            try:
+                leaf = _get(params, path)
+            except (KeyError, TypeError):
+                raise KeyError(f"params lack {'/'.join(path)} (needed for {grp.official[0]})") from None
+            leaf = np.asarray(leaf if grp.layer is None else leaf[grp.layer])
+            arrays.append(leaf)
+        for name, array in zip(grp.official, grp.to_official(arrays)):
+            yield name, np.ascontiguousarray(array)
+
+
+def save_torch_dit(config: DiTConfig | Mapping, params, path, layout: str = "diffusers", *,
+                   max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> str:
+    """Write params as a PyTorch checkpoint.
+
+    layout="diffusers": a folder (config.json + sharded safetensors) that
+    `HunyuanVideoTransformer3DModel.from_pretrained(path)` loads. layout="official": a `torch.save` file with the
+    weights under "module" (like `mp_rank_00_model_states.pt`). Returns the path written.
+    """
+    cfg = DiTConfig.from_config(config)
+    params = params.get("params", params) if isinstance(params, Mapping) else params
+    path = os.fspath(path)
+    if layout == "diffusers":
+        def tensors():
+            for name, array in params_to_official(cfg, params, progress):
+                yield from official_to_diffusers(name, array, cfg.hidden_size)
+        write_safetensors_folder(tensors(), path, config=config_to_diffusers(cfg), max_shard_bytes=max_shard_bytes)
+    elif layout == "official":
+        torch = require_torch()
+        state = {name: to_torch(array) for name, array in params_to_official(cfg, params, progress)}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save({"module": state}, path)
+        with open(path + ".config.json", "w") as f:  # the official file has no config; keep ours beside it
+            json.dump(cfg.to_dict(), f, indent=2)
+    else:
+        raise ValueError(f"layout must be 'diffusers' or 'official', got {layout!r}")
+    return path
