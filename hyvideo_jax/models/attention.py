@@ -3,8 +3,9 @@
 `attention(q, k, v, q_segment_ids, kv_segment_ids, backend=...)` takes q [B, Lq, H, D], k and v [B, Lk, H, D]
 and optional int segment ids [B, Lq] / [B, Lk]: a query attends exactly to the keys of its own segment. The DiT
 gives image and valid text tokens segment 1 and padded text tokens segment 2, which is the official
-(flash-attn varlen) semantics: padding never reaches image or valid text. Softmax is computed in fp32; the
-scale is 1/sqrt(D).
+(flash-attn varlen) semantics: padding never reaches image or valid text. With `causal=True` a query at
+position i also sees only keys at positions <= i (the text encoders' decoder mask). Softmax is computed in fp32;
+the scale is 1/sqrt(D).
 
 Backends are registered by name in `BACKENDS`; the config picks one (`model.attention_backend`).
 """
@@ -15,12 +16,18 @@ import jax
 import jax.numpy as jnp
 
 
-def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None):
+def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False):
     """Reference attention: the full [B, H, Lq, Lk] score matrix, fp32 logits and softmax."""
     scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    mask = None
     if q_segment_ids is not None:
         mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+    if causal:
+        # Queries and keys are aligned at the start (self-attention without a cache).
+        lower = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+        mask = lower if mask is None else mask & lower
+    if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
@@ -31,10 +38,10 @@ BACKENDS: dict[str, Callable] = {
 }
 
 
-def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, backend: str = "xla"):
+def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal: bool = False, backend: str = "xla"):
     """Multi-head attention with segment-id masking; see the module docstring for shapes and semantics."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {sorted(BACKENDS)}")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
-    return BACKENDS[backend](q, k, v, q_segment_ids, kv_segment_ids)
+    return BACKENDS[backend](q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
