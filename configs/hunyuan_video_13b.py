@@ -15,6 +15,7 @@ def get_config():
         depth_double=20,
         depth_single=40,
         depth_refiner=2,
+        refiner_mlp_ratio=4.0,
         patch_size=2,
         patch_size_t=1,
         text_states_dim=4096,         # LLaVA-LLaMA-3 hidden states

@@ -218,6 +218,9 @@ def config_to_diffusers(cfg: DiTConfig) -> dict[str, Any]:
     if not cfg.qkv_bias:
         raise ValueError("diffusers' HunyuanVideoTransformer3DModel always has q/k/v biases; this config has "
                          "qkv_bias=False")
+    if cfg.refiner_mlp_ratio != 4.0:
+        raise ValueError(f"diffusers' token refiner has MLP ratio 4; this config has refiner_mlp_ratio="
+                         f"{cfg.refiner_mlp_ratio}")
     d = {"_class_name": "HunyuanVideoTransformer3DModel", "_diffusers_version": "0.42.1",
          "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim, "qk_norm": "rms_norm",
          "image_condition_type": None}
@@ -255,6 +258,8 @@ def infer_config(source: Mapping[str, np.ndarray], **overrides) -> DiTConfig:
         in_channels=c_in, out_channels=shape("final_layer.linear.weight")[0] // (pt * p * p), hidden_size=hidden,
         num_heads=hidden // head_dim, mlp_ratio=mlp_dim / hidden, depth_double=depth_double, depth_single=depth_single,
         depth_refiner=count("txt_in.individual_token_refiner.blocks", "norm1.weight"), patch_size=p, patch_size_t=pt,
+        refiner_mlp_ratio=(shape("txt_in.individual_token_refiner.blocks.0.mlp.fc1.weight")[0] / hidden
+                           if "txt_in.individual_token_refiner.blocks.0.mlp.fc1.weight" in source else 4.0),
         text_states_dim=shape("txt_in.input_embedder.weight")[1], pooled_text_dim=shape("vector_in.in_layer.weight")[1],
         guidance_embed="guidance_in.mlp.0.weight" in source,
         qkv_bias=depth_double == 0 or "double_blocks.0.img_attn_qkv.bias" in source,

@@ -42,6 +42,7 @@ class DiTConfig:
     depth_double: int = 20
     depth_single: int = 40
     depth_refiner: int = 2
+    refiner_mlp_ratio: float = 4.0  # the token refiner's own MLP ratio (4 in both references, whatever mlp_ratio is)
     patch_size: int = 2
     patch_size_t: int = 1
     text_states_dim: int = 4096
@@ -158,7 +159,8 @@ class TokenRefinerBlock(nn.Module):
         a = attention(q, k, v, segment_ids, segment_ids, backend=cfg.attention_backend)
         x = x + gate_msa[:, None] * _out_proj(a, cfg, "self_attn_proj")
         h = LayerNorm(affine=True, name="norm2", param_dtype=dt["param_dtype"])(x)
-        x = x + gate_mlp[:, None] * MLP(cfg.mlp_dim, activation=nn.silu, name="mlp", **dt)(h)
+        mlp_dim = int(cfg.hidden_size * cfg.refiner_mlp_ratio)
+        x = x + gate_mlp[:, None] * MLP(mlp_dim, activation=nn.silu, name="mlp", **dt)(h)
         return _residual(x), None
 
 
