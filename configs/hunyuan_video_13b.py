@@ -29,4 +29,19 @@ def get_config():
         remat_policy="dots_no_batch",
         attention_backend="xla",
     ))
+    # Text encoders (reference section 3): folders in transformers layout with their tokenizers, downloaded by the user.
+    config.text = ml_collections.ConfigDict(dict(
+        demo=False,
+        llm_path="",                  # the extracted llava-llama-3-8b text model (LlamaForCausalLM or LlamaModel)
+        clip_path="",                 # clip-vit-large-patch14 (CLIPTextModel or the full CLIPModel)
+        llm_tokenizer_path="",        # empty: the tokenizer lives in llm_path
+        clip_tokenizer_path="",       # empty: the tokenizer lives in clip_path
+        text_len=256,                 # kept LLM tokens after the template crop
+        clip_len=77,
+        crop_start_video=95,          # BOS + template tokens before the prompt, as the official code sets them
+        crop_start_image=36,
+        hidden_state_skip_layer=2,    # hidden_states[-3], no final norm
+        dtype="bfloat16",
+        param_dtype="bfloat16",
+    ))
     return config

@@ -29,4 +29,18 @@ def get_config():
         remat_policy="none",
         attention_backend="xla",
     ))
+    # Text encoders: small random LLaMA + CLIP with byte-level tokenizers built in code (no downloads), seeded.
+    config.text = ml_collections.ConfigDict(dict(
+        demo=True,
+        seed=0,
+        llm_dim=config.model.text_states_dim,
+        clip_dim=config.model.pooled_text_dim,
+        llm_layers=4,                 # the state of layer 4 - 2 is used, as hidden_states[-3] of the 32-layer LLM
+        llm_heads=4,
+        llm_kv_heads=2,
+        clip_layers=2,
+        clip_heads=2,
+        text_len=32,
+        clip_len=32,
+    ))
     return config
