@@ -358,8 +358,9 @@ def load_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTCon
         cfg = config
     else:
         cfg = infer_config(official, **overrides)
-    if fp8_map is not None and "param_dtype" not in overrides:
-        cfg = dataclasses.replace(cfg, param_dtype="bfloat16")
+    if "param_dtype" not in overrides:  # the checkpoint's own dtype (fp8 runs as bf16, like the original)
+        stored = "bfloat16" if fp8_map is not None else _dtype_name(official["img_in.proj.weight"].dtype)
+        cfg = dataclasses.replace(cfg, param_dtype=dtype or stored)
     return cfg, _official_to_params(official, cfg, source.description, dtype, progress)
 
 
