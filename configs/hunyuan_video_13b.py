@@ -44,4 +44,23 @@ def get_config():
         dtype="bfloat16",
         param_dtype="bfloat16",
     ))
+    config.vae = ml_collections.ConfigDict(dict(
+        model=ml_collections.ConfigDict(dict(  # the released 884-16c-hy VAE (246,478,803 parameters)
+            in_channels=3,
+            out_channels=3,
+            latent_channels=16,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            norm_num_groups=32,
+            spatial_compression_ratio=8,
+            temporal_compression_ratio=4,
+            scaling_factor=0.476986,
+            param_dtype="float32",
+            dtype="bfloat16",
+            attention_block_size=4096,
+            tiling="official",            # 256 px tiles (stride 192), 64-frame windows (stride 48)
+        )),
+        loss=ml_collections.ConfigDict(dict(l1_weight=1.0, kl_weight=1e-6, temporal_weight=0.0,
+                                            sample_posterior=True)),
+    ))
     return config

@@ -43,4 +43,20 @@ def get_config():
         text_len=32,
         clip_len=32,
     ))
+    config.vae = ml_collections.ConfigDict(dict(
+        model=ml_collections.ConfigDict(dict(
+            latent_channels=4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            attention_block_size=64,
+            tiling="official",
+            tile_sample_min_size=32,      # tiles of 32 px / 8 frames, so CPU tests exercise tiling
+            tile_sample_stride=24,
+            tile_sample_min_frames=8,
+            tile_sample_stride_frames=4,
+        )),
+        loss=ml_collections.ConfigDict(dict(l1_weight=1.0, kl_weight=1e-6, temporal_weight=0.0,
+                                            sample_posterior=True)),
+    ))
     return config
