@@ -1,0 +1,111 @@
+"""The DiT module itself: scan keeps the program size independent of depth, remat keeps gradients, inputs are
+checked with clear errors, and the 13B tree is counted without allocation."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import hunyuan_video_13b, tiny
+from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT
+
+
+def tiny_config(**kw) -> DiTConfig:
+    return dataclasses.replace(DiTConfig.from_config(tiny.get_config().model), **kw)
+
+
+def example_inputs(cfg: DiTConfig, b=2, t=2, h=4, w=6, text_len=5):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((b, t, h, w, cfg.in_channels), np.float32), np.array([300.0, 900.0][:b], np.float32),
+            rng.standard_normal((b, text_len, cfg.text_states_dim), np.float32),
+            np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]][:b], np.int32),
+            rng.standard_normal((b, cfg.pooled_text_dim), np.float32), np.array([6016.0, 1000.0][:b], np.float32))
+
+
+def random_init(cfg: DiTConfig, inputs, seed=0):
+    """init, then every leaf re-drawn (the real init zeroes the modulation and output layers)."""
+    params = HunyuanVideoDiT(cfg).init(jax.random.PRNGKey(seed), *inputs)["params"]
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [
+        jax.random.normal(k, x.shape) * 0.2 + (1.0 if x.ndim and np.all(np.asarray(x) == 1) else 0.0)
+        for k, x in zip(keys, jax.tree_util.tree_map(lambda v: v.value if hasattr(v, "value") else v, leaves))])
+
+
+def test_13b_config_counts_the_released_parameters_without_allocating():
+    cfg = DiTConfig.from_config(hunyuan_video_13b.get_config().model)
+    model = HunyuanVideoDiT(cfg)
+    inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in example_inputs(cfg, t=1, h=2, w=2)]
+    shapes = jax.eval_shape(lambda *a: model.init(jax.random.PRNGKey(0), *a), *inputs)["params"]
+    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+    assert n == 12_821_012_544
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(shapes))
+
+
+def _program_size(cfg: DiTConfig) -> int:
+    inputs = example_inputs(cfg)
+    model = HunyuanVideoDiT(cfg)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs))
+    text = jax.jit(model.apply).lower(params, *inputs).as_text()
+    return len([line for line in text.splitlines() if re.search(r"stablehlo\.", line)])
+
+
+def test_program_size_does_not_grow_with_depth():
+    """Acceptance 4 (structure): the 13B depth (20 + 40) lowers to about the ops of 2 + 2 blocks (scan), and doubling
+    it again adds none. (Compile times are printed by benchmarks/dit_compile_time.py.)"""
+    shallow = _program_size(tiny_config(depth_double=2, depth_single=2))
+    deep = _program_size(tiny_config(depth_double=20, depth_single=40))
+    deeper = _program_size(tiny_config(depth_double=40, depth_single=80))
+    print(f"stablehlo ops: depth 2+2 → {shallow}, 20+40 → {deep}, 40+80 → {deeper}")
+    assert deep <= 1.1 * shallow and deeper == deep
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_keep_gradients(policy):
+    cfg = tiny_config()
+    inputs = example_inputs(cfg)
+    params = random_init(cfg, inputs)
+
+    def grads(c):
+        loss = lambda p: jnp.mean(HunyuanVideoDiT(c).apply({"params": p}, *inputs) ** 2)
+        return jax.jit(jax.grad(loss))(params)
+    ref, got = grads(cfg), grads(dataclasses.replace(cfg, remat_policy=policy))
+    for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(ref)) > 1e-3  # gradients are not trivial
+
+
+def test_bad_inputs_get_clear_errors():
+    cfg = tiny_config()
+    x, t, text, mask, pooled, g = example_inputs(cfg)
+    model = HunyuanVideoDiT(cfg)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t, text, mask, pooled, g))
+    check = lambda *a, **k: jax.eval_shape(lambda p: model.apply(p, *a, **k), params)
+    with pytest.raises(ValueError, match=r"latent W=5 is not divisible by the patch size 2"):
+        check(x[:, :, :, :5], t, text, mask, pooled, g)
+    with pytest.raises(ValueError, match=r"latents have 6 channels, the model expects in_channels=4"):
+        check(np.zeros((2, 2, 4, 6, 6), np.float32), t, text, mask, pooled, g)
+    with pytest.raises(ValueError, match=r"text_mask must be \[B, L\]=\(2, 5\)"):
+        check(x, t, text, mask[:1], pooled, g)
+    with pytest.raises(ValueError, match=r"timesteps must have shape \[B\]=\(2,\)"):
+        check(x, t[:1], text, mask, pooled, g)
+    with pytest.raises(ValueError, match=r"pass guidance \[B\]"):
+        check(x, t, text, mask, pooled)
+    with pytest.raises(ValueError, match=r"guidance_embed=False"):
+        HunyuanVideoDiT(tiny_config(guidance_embed=False)).init(jax.random.PRNGKey(0), x, t, text, mask, pooled, g)
+    with pytest.raises(ValueError, match=r"channel-last"):
+        check(x[0], t, text, mask, pooled, g)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"model.rope_axes_dim: .*head dim 16"):
+        tiny_config(rope_axes_dim=(4, 4, 4))
+    with pytest.raises(ValueError, match=r"model.remat_policy"):
+        tiny_config(remat_policy="sometimes")
+    with pytest.raises(ValueError, match=r"model.attention_backend"):
+        tiny_config(attention_backend="magic")
+    with pytest.raises(ValueError, match=r"unknown model config field\(s\) \['hiden_size'\]"):
+        DiTConfig.from_config({"hiden_size": 3})
