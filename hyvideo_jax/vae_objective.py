@@ -94,5 +94,5 @@ def vae_train_step(state: train_state.TrainState, batch: Mapping[str, jax.Array]
     step_rng = jax.random.fold_in(rng, state.step)
     (_, metrics), grads = jax.value_and_grad(make_vae_loss_fn(model, loss_config), has_aux=True)(
         state.params, batch, step_rng)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     return state.apply_gradients(grads=grads), metrics
