@@ -18,7 +18,6 @@ files), deterministic from a seed, for the offline demo and tests.
 """
 
 import functools
-import math
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -48,9 +47,6 @@ PROMPT_TEMPLATES = {
     ),
 }
 OFFICIAL_CROP_START = {"video": 95, "image": 36}
-
-# The text encoders run on at most a few hundred tokens: their activations are never split along the sequence.
-TEXT_AXIS_RULES = (("seq", None),) + tuple(LOGICAL_AXIS_RULES)
 
 LLM_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                       "<|eot_id|>")
@@ -86,15 +82,9 @@ def _prefix_length(tokenizer, template: str) -> int:
     return len(tokenizer(template.split("{}")[0], add_special_tokens=True)["input_ids"])
 
 
-def _batch_multiple(mesh, rules) -> int:
-    """How many ways the 'batch' logical axis is split on `mesh` (inputs are padded to a multiple of it)."""
-    if mesh is None:
-        return 1
-    for name, axes in rules:
-        if name == "batch":
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            return math.prod(mesh.shape[a] for a in axes)
-    return 1
+def _abridged(text: str, limit: int = 120) -> str:
+    """The start and end of a long text, for warnings."""
+    return text if len(text) <= limit else f"{text[:limit // 2]} ... {text[-limit // 2:]}"
 
 
 class TextEncoders:
@@ -103,7 +93,7 @@ class TextEncoders:
     def __init__(self, llm_tokenizer, llm_config: LlamaTextConfig, llm_params, clip_tokenizer,
                  clip_config: CLIPTextConfig, clip_params, *, text_len: int = 256, clip_len: int = 77,
                  crop_start: Mapping[str, int | None] | None = None, templates: Mapping[str, str] = PROMPT_TEMPLATES,
-                 mesh=None, rules=TEXT_AXIS_RULES):
+                 mesh=None):
         """`crop_start[mode]` None (or a mode left out) means: measured from `llm_tokenizer` on the template."""
         if text_len <= 0:
             raise ValueError(f"text_len must be positive, got {text_len}")
@@ -124,7 +114,7 @@ class TextEncoders:
         self.llm_params, self.clip_params = llm_params, clip_params
         self.text_len, self.clip_len = text_len, clip_len
         self.templates = dict(templates)
-        self.mesh, self.rules = mesh, rules
+        self.mesh = mesh  # where the params were placed (by the loader or `demo`), or None
         self.crop_start = {}
         for mode, template in self.templates.items():
             measured = _prefix_length(llm_tokenizer, template)
@@ -145,7 +135,7 @@ class TextEncoders:
         full = self.llm_tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
         for i, ids in enumerate(full):
             if len(ids) > max_length:
-                dropped = self.llm_tokenizer.decode(ids[max_length:])
+                dropped = _abridged(self.llm_tokenizer.decode(ids[max_length:]))
                 warnings.warn(f"prompt {i} has {len(ids) - self.crop_start[mode]} tokens with its template end; the "
                               f"text encoder keeps {self.text_len}, so this end was cut: {dropped!r}")
         enc = self.llm_tokenizer(texts, add_special_tokens=True, max_length=max_length, padding="max_length",
@@ -157,7 +147,7 @@ class TextEncoders:
         full = self.clip_tokenizer(list(prompts), verbose=False)["input_ids"]
         for i, ids in enumerate(full):
             if len(ids) > self.clip_len:
-                dropped = self.clip_tokenizer.decode(ids[self.clip_len - 1:-1])
+                dropped = _abridged(self.clip_tokenizer.decode(ids[self.clip_len - 1:-1]))
                 warnings.warn(f"prompt {i} has {len(ids)} CLIP tokens, CLIP keeps {self.clip_len}; cut: {dropped!r}")
         enc = self.clip_tokenizer(list(prompts), max_length=self.clip_len, padding="max_length", truncation=True,
                                   return_tensors="np")
@@ -177,24 +167,16 @@ class TextEncoders:
             raise TypeError(f"prompts must be strings, got {bad}")
         llm_ids, llm_mask = self.tokenize_llm(prompts, mode)
         clip_ids = self.tokenize_clip(prompts)
-        b = len(prompts)
-        pad = -b % _batch_multiple(self.mesh, self.rules)
-        if pad:  # sharded batch: fill with copies of the first prompt, dropped below
-            llm_ids, llm_mask, clip_ids = (np.concatenate([a, np.repeat(a[:1], pad, 0)]) for a in
-                                           (llm_ids, llm_mask, clip_ids))
-        args = (self.llm_params, self.clip_params, llm_ids, llm_mask, clip_ids)
-        if self.mesh is None:
-            states, mask, pooled = self._encode(*args, crop=self.crop_start[mode])
-        else:
-            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-                states, mask, pooled = self._encode(*args, crop=self.crop_start[mode])
-        return states[:b], mask[:b], pooled[:b]
+        # With params placed on a mesh, jit partitions the computation from their shardings (GSPMD); the activations
+        # carry no constraints of their own here.
+        return self._encode(self.llm_params, self.clip_params, llm_ids, llm_mask, clip_ids,
+                            crop=self.crop_start[mode])
 
     # -------------------------------------------------------------------------------------------------- building
     @classmethod
     def from_pretrained(cls, llm_dir: str, clip_dir: str, *, llm_tokenizer_dir: str | None = None,
                         clip_tokenizer_dir: str | None = None, dtype: str = "bfloat16", param_dtype: str = "bfloat16",
-                        hidden_state_skip_layer: int = 2, mesh=None, rules=TEXT_AXIS_RULES, **kwargs):
+                        hidden_state_skip_layer: int = 2, mesh=None, rules=LOGICAL_AXIS_RULES, **kwargs):
         """Weights from transformers folders (streamed, placed on `mesh` if given); tokenizers by AutoTokenizer.
 
         Tokenizers are read from the model folders unless `*_tokenizer_dir` is given. `kwargs` go to `__init__`
@@ -209,12 +191,12 @@ class TextEncoders:
         llm_tok = AutoTokenizer.from_pretrained(llm_tokenizer_dir or llm_dir)
         clip_tok = AutoTokenizer.from_pretrained(clip_tokenizer_dir or clip_dir)
         kwargs.setdefault("crop_start", OFFICIAL_CROP_START)
-        return cls(llm_tok, llm_cfg, llm_params, clip_tok, clip_cfg, clip_params, mesh=mesh, rules=rules, **kwargs)
+        return cls(llm_tok, llm_cfg, llm_params, clip_tok, clip_cfg, clip_params, mesh=mesh, **kwargs)
 
     @classmethod
     def demo(cls, llm_dim: int, clip_dim: int, *, seed: int = 0, text_len: int = 32, clip_len: int = 32,
              llm_layers: int = 4, llm_heads: int = 4, llm_kv_heads: int = 2, clip_layers: int = 2,
-             clip_heads: int = 2, mesh=None, rules=TEXT_AXIS_RULES):
+             clip_heads: int = 2, mesh=None, rules=LOGICAL_AXIS_RULES):
         """Small random-weight encoders with byte-level tokenizers: no files needed, same seed → same embeddings.
 
         The LLM runs the real templates (crop measured from its tokenizer) and returns its layer-(n-2) state.
@@ -243,7 +225,7 @@ class TextEncoders:
                 _place(p, param_shardings(m, 1, mesh, rules))
                 for p, m in ((llm_params, LlamaTextModel(llm_cfg)), (clip_params, CLIPTextEncoder(clip_cfg))))
         return cls(llm_tok, llm_cfg, llm_params, clip_tok, clip_cfg, clip_params, text_len=text_len,
-                   clip_len=clip_len, mesh=mesh, rules=rules)
+                   clip_len=clip_len, mesh=mesh)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, mesh=None) -> "TextEncoders":

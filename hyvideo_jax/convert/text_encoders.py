@@ -176,13 +176,29 @@ def _import(source: TensorSource, entries: list[_Entry], prefixes: Sequence[str]
 
 def param_shardings(module: nn.Module, input_length: int, mesh: jax.sharding.Mesh,
                     rules=LOGICAL_AXIS_RULES) -> dict[tuple[str, ...], jax.sharding.NamedSharding]:
-    """path → NamedSharding of every parameter of `module`, from its logical axis names under `rules`."""
+    """path → NamedSharding of every parameter of `module`, from its logical axis names under `rules`.
+
+    A dimension that the mesh axes do not divide evenly (e.g. a vocabulary of 49,409 over 2 devices) is replicated.
+    """
     ids = jnp.zeros((1, input_length), jnp.int32)
     abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids))["params"]
     logical = nn.get_partition_spec(abstract)
     mesh_shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
-    flat = jax.tree_util.tree_flatten_with_path(mesh_shardings)[0]
-    return {tuple(k.key for k in path): s for path, s in flat}
+    shapes = {tuple(k.key for k in path): leaf.value.shape
+              for path, leaf in jax.tree_util.tree_flatten_with_path(
+                  abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]}
+    out = {}
+    for path, sharding in jax.tree_util.tree_flatten_with_path(mesh_shardings)[0]:
+        key = tuple(k.key for k in path)
+        spec = [None if axes is not None and size % _mesh_size(mesh, axes) else axes
+                for axes, size in zip(tuple(sharding.spec) + (None,) * len(shapes[key]), shapes[key])]
+        out[key] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    return out
+
+
+def _mesh_size(mesh, axes) -> int:
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def _source_and_config(source, config, config_cls, what):
