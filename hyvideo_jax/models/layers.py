@@ -14,23 +14,53 @@ import jax.numpy as jnp
 Dtype = Any
 Axes = tuple[str | None, ...]
 
-# Original zero-initializes modulation and output layers (adaLN-zero); everything else uses PyTorch's nn.Linear default,
-# which we approximate with a scaled uniform (lecun-uniform-like) init.
-default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# The original zero-initializes modulation and output layers (adaLN-zero); other kernels follow PyTorch's nn.Linear
+# default (uniform with variance 1/(3·fan_in)).
 zeros = nn.initializers.zeros_init()
+default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")  # for [..., in, out] kernels
+
+
+class Dense(nn.Module):
+    """x [..., *in] · kernel [*in, *features] + bias [*features], contracting the last `n_in` axes of x.
+
+    The kernel is created at its full shape with its logical axis names (not flattened first, as
+    `nn.DenseGeneral` does), so the names stay valid under a mesh. Init: PyTorch-like fan-in uniform, or zeros.
+    """
+    features: tuple[int, ...]
+    kernel_axes: Axes
+    n_in: int = 1
+    use_bias: bool = True
+    zero_init: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        n_out = len(self.features)
+        if len(self.kernel_axes) != self.n_in + n_out:
+            raise ValueError(f"{self.name}: kernel_axes {self.kernel_axes} must name {self.n_in} input and "
+                             f"{n_out} output axes")
+        init = zeros if self.zero_init else nn.initializers.variance_scaling(
+            1.0 / 3.0, "fan_in", "uniform", in_axis=tuple(range(self.n_in)),
+            out_axis=tuple(range(self.n_in, self.n_in + n_out)))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                            tuple(x.shape[-self.n_in:]) + tuple(self.features), self.param_dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(zeros, self.kernel_axes[self.n_in:]),
+                              tuple(self.features), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 def dense(features: int | Sequence[int], kernel_axes: Axes, *, name: str, dtype: Dtype, param_dtype: Dtype,
-          axis: int | Sequence[int] = -1, use_bias: bool = True, zero_init: bool = False) -> nn.DenseGeneral:
-    """A `DenseGeneral` whose kernel and bias carry logical axis names (bias axes = the output axes of the kernel)."""
+          axis: int | Sequence[int] = -1, use_bias: bool = True, zero_init: bool = False) -> Dense:
+    """A `Dense` over the trailing `axis` (-1, or a run such as (-2, -1)) with named kernel and bias axes."""
+    n_in = 1 if isinstance(axis, int) else len(tuple(axis))
     features_t = (features,) if isinstance(features, int) else tuple(features)
-    n_out = len(features_t)
-    init = zeros if zero_init else default_kernel_init
-    return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(init, kernel_axes),
-        bias_init=nn.with_logical_partitioning(zeros, kernel_axes[-n_out:]),
-    )
+    return Dense(features_t, tuple(kernel_axes), n_in=n_in, use_bias=use_bias, zero_init=zero_init, dtype=dtype,
+                 param_dtype=param_dtype, name=name)
 
 
 class RMSNorm(nn.Module):
