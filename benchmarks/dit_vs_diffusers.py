@@ -1,0 +1,98 @@
+"""Our jitted DiT against diffusers' HunyuanVideoTransformer3DModel (eager) on the same CPU, config and inputs.
+
+Prints forward and forward+backward seconds for both and the ratio ours / diffusers (lower is better; the target
+is ≤ 0.67, i.e. ≥ 1.5× faster). Default: a 10.4M-parameter config, 1,344 tokens (1,280 image + 64 text), batch 2.
+
+    python -m benchmarks.dit_vs_diffusers [--repeats=5] [--threads=2]
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
+
+from hyvideo_jax.convert import load_torch_dit  # noqa: E402
+from hyvideo_jax.models.dit import HunyuanVideoDiT  # noqa: E402
+
+CONFIG = dict(in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=64, num_layers=2,
+              num_single_layers=4, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
+              guidance_embeds=True, text_embed_dim=256, pooled_projection_dim=128, rope_axes_dim=(16, 24, 24))
+FRAMES, HEIGHT, WIDTH, TEXT, BATCH = 5, 32, 32, 64, 2
+
+
+def best_of(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(**CONFIG)
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, 16, FRAMES, HEIGHT, WIDTH, generator=g)
+    t = torch.tensor([500.0, 100.0])
+    text = torch.randn(BATCH, TEXT, CONFIG["text_embed_dim"], generator=g)
+    mask = torch.ones(BATCH, TEXT, dtype=torch.int64)
+    mask[1, 20:] = 0
+    pooled = torch.randn(BATCH, CONFIG["pooled_projection_dim"], generator=g)
+    guidance = torch.tensor([6016.0, 6016.0])
+    tokens = FRAMES * (HEIGHT // 2) * (WIDTH // 2) + TEXT
+    print(f"config: {n_params / 1e6:.1f}M params, {tokens} tokens, batch {BATCH}, {args.threads} threads, "
+          f"jax {jax.__version__}, torch {torch.__version__}")
+
+    def torch_fwd():
+        with torch.no_grad():
+            model(x, t, text, mask, pooled, guidance, return_dict=False)
+
+    def torch_fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        model(x, t, text, mask, pooled, guidance, return_dict=False)[0].square().mean().backward()
+
+    cfg, params = load_torch_dit(model.state_dict(), config=dict(rope_axes_dim=CONFIG["rope_axes_dim"]),
+                                 progress=False)
+    ours = HunyuanVideoDiT(cfg)
+    params = jax.device_put(params)
+    inputs = [jnp.asarray(a) for a in (x.permute(0, 2, 3, 4, 1).numpy(), t.numpy(), text.numpy(), mask.numpy(),
+                                       pooled.numpy(), guidance.numpy())]
+    fwd = jax.jit(lambda p, *a: ours.apply({"params": p}, *a))
+    fwd_bwd = jax.jit(jax.value_and_grad(lambda p, *a: jnp.mean(ours.apply({"params": p}, *a) ** 2)))
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(fwd(params, *inputs))
+    compile_fwd = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(fwd_bwd(params, *inputs))
+    compile_bwd = time.perf_counter() - t0
+    torch_fwd(), torch_fwd_bwd()  # warm-up
+
+    results = {
+        "forward": (best_of(lambda: jax.block_until_ready(fwd(params, *inputs)), args.repeats),
+                    best_of(torch_fwd, args.repeats)),
+        "forward+backward": (best_of(lambda: jax.block_until_ready(fwd_bwd(params, *inputs)), args.repeats),
+                             best_of(torch_fwd_bwd, args.repeats)),
+    }
+    print(f"first call (compile + run): forward {compile_fwd:.2f} s, forward+backward {compile_bwd:.2f} s")
+    print(f"{'':18s} {'ours (s)':>10s} {'diffusers (s)':>14s} {'ours/diffusers':>15s}")
+    for name, (a, b) in results.items():
+        print(f"{name:18s} {a:10.3f} {b:14.3f} {a / b:15.2f}")
+
+
+if __name__ == "__main__":
+    main()
