@@ -14,7 +14,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 

@@ -115,7 +115,8 @@ def _single_linear2(cfg: DiTConfig, i: int) -> _Group:
         attn_k, bias, mlp_k = a
         return [np.concatenate([attn_k.reshape(d, d).T, mlp_k.T], axis=1), bias]
     return _Group((f"single_blocks.{i}.linear2.weight", f"single_blocks.{i}.linear2.bias"),
-                  (base + ("linear2_attn", "kernel"), base + ("linear2_attn", "bias"), base + ("linear2_mlp", "kernel")),
+                  (base + ("linear2_attn", "kernel"), base + ("linear2_attn", "bias"),
+                   base + ("linear2_mlp", "kernel")),
                   to_ours, to_official, i)
 
 

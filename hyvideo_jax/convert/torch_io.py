@@ -118,7 +118,7 @@ class TensorSource(Mapping[str, np.ndarray]):
 
 
 def _unwrap(obj, load_key: str | None, where: str) -> dict:
-    """The state dict inside a checkpoint: under `load_key`, else under 'module' / 'state_dict', else the dict itself."""
+    """The state dict in a checkpoint: under `load_key`, else under 'module' / 'state_dict', else the dict itself."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"{where}: expected a state dict, got {type(obj).__name__}")
     if load_key is not None:

@@ -14,19 +14,13 @@ from typing import Any, Mapping
 
 import einops
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from hyvideo_jax.config_fields import from_fields, to_plain_dict
 from hyvideo_jax.models.attention import BACKENDS, attention
-from hyvideo_jax.models.layers import (MLP, LayerNorm, Modulation, RMSNorm, VectorEmbedder, dense, modulate)
+from hyvideo_jax.models.layers import (MLP, REMAT_POLICIES, LayerNorm, Modulation, RMSNorm, VectorEmbedder, dense,
+                                       dtypes as _dtypes, modulate, scan_blocks)
 from hyvideo_jax.models.rope import apply_rope, rope_tables
-
-REMAT_POLICIES = {
-    "none": None,  # keep every activation (no rematerialization)
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 PADDING_SEGMENT = 2  # segment id of padded text tokens; image and valid text tokens are segment 1
 
@@ -99,33 +93,10 @@ class DiTConfig:
     @classmethod
     def from_config(cls, config: "DiTConfig | Mapping[str, Any]") -> "DiTConfig":
         """From a `DiTConfig`, a dict or an ml_collections ConfigDict (e.g. `config.model`); unknown keys are errors."""
-        if isinstance(config, cls):
-            return config
-        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**values)
+        return from_fields(cls, config, "model")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["rope_axes_dim"] = list(self.rope_axes_dim)
-        return d
-
-
-def _dtypes(cfg: DiTConfig):
-    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-
-
-def _stack(block_cls, cfg: DiTConfig, length: int, name: str, n_broadcast: int):
-    """`length` copies of `block_cls` as one `nn.scan` (parameters stacked on a leading 'layers' axis)."""
-    policy = REMAT_POLICIES[cfg.remat_policy]
-    if policy is not None:
-        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
-    return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast,) * n_broadcast, length=length,
-                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
+        return to_plain_dict(self)
 
 
 def _qkv(x, cfg: DiTConfig, name: str):
@@ -178,7 +149,8 @@ class TokenRefiner(nn.Module):
              + VectorEmbedder(cfg.hidden_size, name="c_embedder", **dt)(pooled.astype(text_states.dtype)))
         x = dense(cfg.hidden_size, ("text_embed", "embed"), name="input_embedder", **dt)(text_states)
         segment_ids = jnp.where(text_mask.astype(bool), 1, PADDING_SEGMENT).astype(jnp.int32)
-        blocks = _stack(TokenRefinerBlock, cfg, cfg.depth_refiner, "blocks", n_broadcast=2)
+        blocks = scan_blocks(TokenRefinerBlock, cfg, cfg.depth_refiner, "blocks", n_broadcast=2,
+                             remat_policy=cfg.remat_policy)
         x, _ = blocks(_residual(x), c, segment_ids)
         return x
 
@@ -318,9 +290,12 @@ class HunyuanVideoDiT(nn.Module):
         n_img = img.shape[1]
         text_segments = jnp.where(text_mask.astype(bool), 1, PADDING_SEGMENT).astype(jnp.int32)
         segment_ids = jnp.concatenate([jnp.ones((b, n_img), jnp.int32), text_segments], axis=1)
-        double = _stack(DoubleStreamBlock, cfg, cfg.depth_double, "double_blocks", n_broadcast=4)
+        remat = cfg.remat_policy
+        double = scan_blocks(DoubleStreamBlock, cfg, cfg.depth_double, "double_blocks", n_broadcast=4,
+                             remat_policy=remat)
         (img, txt), _ = double((_residual(img), _residual(txt)), vec, cos, sin, segment_ids)
-        single = _stack(SingleStreamBlock, cfg, cfg.depth_single, "single_blocks", n_broadcast=4)
+        single = scan_blocks(SingleStreamBlock, cfg, cfg.depth_single, "single_blocks", n_broadcast=4,
+                             remat_policy=remat)
         x, _ = single(jnp.concatenate([img, txt], axis=1), vec, cos, sin, segment_ids)
 
         out = FinalLayer(cfg, name="final_layer")(x[:, :n_img], vec)

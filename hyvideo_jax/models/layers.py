@@ -160,3 +160,30 @@ class VectorEmbedder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = dense(self.hidden_size, (None, "embed"), name="linear_1", **kw)(x.astype(self.dtype))
         return dense(self.hidden_size, ("mlp", "embed"), name="linear_2", **kw)(nn.silu(h))
+
+
+REMAT_POLICIES = {
+    "none": None,  # keep every activation (no rematerialization)
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def dtypes(cfg) -> dict[str, Any]:
+    """Compute and parameter dtypes of a config with `dtype` / `param_dtype` name fields, as Flax kwargs."""
+    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+def scan_blocks(block_cls, cfg, length: int, name: str, n_broadcast: int, remat_policy: str = "none"):
+    """`length` copies of `block_cls(cfg)` as one `nn.scan`, parameters stacked on a leading 'layers' axis.
+
+    The block is called as `block(carry, *broadcast_args) -> (carry, None)`; with a remat policy other than
+    "none" each block is rematerialized under that `jax.checkpoint` policy.
+    """
+    policy = REMAT_POLICIES[remat_policy]
+    if policy is not None:
+        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+    return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast,) * n_broadcast, length=length,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)

@@ -22,12 +22,12 @@ import math
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hyvideo_jax.models.attention import BACKENDS, attention
-from hyvideo_jax.models.layers import LayerNorm, RMSNorm, dense
+from hyvideo_jax.config_fields import from_fields
+from hyvideo_jax.models.layers import LayerNorm, RMSNorm, dense, dtypes as _dtypes, scan_blocks
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -58,14 +58,6 @@ def _check_common(prefix: str, cfg, positive: tuple[str, ...]):
     if cfg.attention_backend not in BACKENDS:
         fail("attention_backend", f"must be one of {sorted(BACKENDS)}, got {cfg.attention_backend!r}")
     return fail
-
-
-def _from_dict(cls, values: Mapping[str, Any], what: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} config field(s) {unknown}; known fields are {sorted(known)}")
-    return cls(**values)
 
 
 def _text_config(hf: Mapping[str, Any]) -> dict:
@@ -135,10 +127,7 @@ class LlamaTextConfig:
     @classmethod
     def from_config(cls, config: "LlamaTextConfig | Mapping[str, Any]") -> "LlamaTextConfig":
         """From a `LlamaTextConfig` or a dict of its fields; unknown keys are errors."""
-        if isinstance(config, cls):
-            return config
-        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        return _from_dict(cls, values, "llm")
+        return from_fields(cls, config, "llm")
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "LlamaTextConfig":
@@ -173,7 +162,7 @@ class LlamaTextConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
         )
         values.update(overrides)
-        return _from_dict(cls, values, "llm")
+        return from_fields(cls, values, "llm")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -216,10 +205,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_config(cls, config: "CLIPTextConfig | Mapping[str, Any]") -> "CLIPTextConfig":
-        if isinstance(config, cls):
-            return config
-        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        return _from_dict(cls, values, "clip")
+        return from_fields(cls, config, "clip")
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "CLIPTextConfig":
@@ -240,21 +226,10 @@ class CLIPTextConfig:
             eos_token_id=int(hf.get("eos_token_id", 49407)),
         )
         values.update(overrides)
-        return _from_dict(cls, values, "clip")
+        return from_fields(cls, values, "clip")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _dtypes(cfg):
-    return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-
-
-def _stack(block_cls, cfg, length: int, name: str, n_broadcast: int):
-    """`length` copies of `block_cls` as one `nn.scan` (parameters stacked on a leading 'layers' axis)."""
-    return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(nn.broadcast,) * n_broadcast, length=length,
-                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
 
 
 def _embedding(module: nn.Module, name: str, shape: tuple[int, int], axes, param_dtype):
@@ -354,7 +329,7 @@ class LlamaTextModel(nn.Module):
         q_segments = jnp.ones((b, length), jnp.int32)
         kv_segments = attention_mask.astype(jnp.int32)
         if cfg.num_layers_run:
-            layers = _stack(LlamaDecoderLayer, cfg, cfg.num_layers_run, "layers", n_broadcast=4)
+            layers = scan_blocks(LlamaDecoderLayer, cfg, cfg.num_layers_run, "layers", n_broadcast=4)
             x, _ = layers(x, cos, sin, q_segments, kv_segments)
         if cfg.apply_final_norm:
             x = RMSNorm(eps=cfg.rms_norm_eps, param_dtype=dt["param_dtype"], name="norm")(x)
@@ -407,7 +382,7 @@ class CLIPTextEncoder(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
         q_segments = jnp.ones((b, length), jnp.int32)
         kv_segments = q_segments if attention_mask is None else attention_mask.astype(jnp.int32)
-        layers = _stack(CLIPEncoderLayer, cfg, cfg.num_hidden_layers, "layers", n_broadcast=2)
+        layers = scan_blocks(CLIPEncoderLayer, cfg, cfg.num_hidden_layers, "layers", n_broadcast=2)
         x, _ = layers(x, q_segments, kv_segments)
         x = LayerNorm(affine=True, eps=cfg.layer_norm_eps, param_dtype=dt["param_dtype"], name="final_layer_norm")(x)
         if cfg.eos_token_id == 2:
