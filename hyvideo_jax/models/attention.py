@@ -7,13 +7,20 @@ gives image and valid text tokens segment 1 and padded text tokens segment 2, wh
 position i also sees only keys at positions <= i (the text encoders' decoder mask). Softmax is computed in fp32;
 the scale is 1/sqrt(D).
 
-Backends are registered by name in `BACKENDS`; the config picks one (`model.attention_backend`).
+Backends are registered by name in `BACKENDS`; the config picks one (`model.attention_backend`):
+  xla      the full score matrix (reference; fastest for short sequences on CPU),
+  chunked  blockwise online softmax with its own backward, memory linear in sequence length (long sequences),
+  cudnn    `jax.nn.dot_product_attention` with cuDNN on GPU, padding masked by key lengths,
+  splash   Pallas splash attention on TPU with segment ids (`hyvideo_jax.models.splash_attention`).
 """
 
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from hyvideo_jax.models.chunked_attention import chunked_attention
+from hyvideo_jax.models.splash_attention import splash_attention
 
 
 def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False):
@@ -33,8 +40,27 @@ def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
+def cudnn_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False, *, implementation="cudnn"):
+    """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU), masking padding by key lengths.
+
+    Needs segment ids laid out as the DiT and the text encoders lay them out: one valid segment (id 1) then
+    padding (any other id) per row. Keys past the valid length are masked for every query, so image and valid
+    text tokens get exactly the segment-id result; padded queries see the valid keys (diffusers' semantics), a
+    difference confined to outputs nobody reads.
+    """
+    lengths = None
+    if kv_segment_ids is not None:
+        lengths = jnp.sum(kv_segment_ids == 1, axis=-1).astype(jnp.int32)
+    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, is_causal=causal,
+                                       implementation=implementation)
+    return out.astype(q.dtype)
+
+
 BACKENDS: dict[str, Callable] = {
     "xla": xla_attention,
+    "chunked": chunked_attention,
+    "cudnn": cudnn_attention,
+    "splash": splash_attention,
 }
 
 

@@ -1,0 +1,52 @@
+"""Pallas splash attention (TPU) with segment ids, behind the project's attention signature.
+
+The kernel runs per batch element on [H, L, D]; text padding is masked by segment ids exactly as the official
+varlen attention does. Sequences are padded to the block size with a segment of their own (padding attends only
+to padding, so no softmax row is empty). `interpret=True` runs the same kernel in the Pallas interpreter on any
+backend (used by the CPU tests); on TPU it compiles to Mosaic.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_PAD_SEGMENT = -1
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(lq: int, lk: int, heads: int, causal: bool, block: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    mask = sm.CausalMask((lq, lk)) if causal else sm.FullMask((lq, lk))
+    bq, bk = min(block, lq), min(block, lk)
+    sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                          block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+    return sk.make_splash_mha(sm.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
+
+
+def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False, *, block: int = 512,
+                     interpret: bool = False):
+    """q [B, Lq, H, D], k/v [B, Lk, H, D], int segment ids [B, L] → [B, Lq, H, D]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    if q_segment_ids is None:
+        q_segment_ids, kv_segment_ids = jnp.ones((b, lq), jnp.int32), jnp.ones((b, lk), jnp.int32)
+    tile = 128  # the kernel's lane width: sequence lengths are padded to a multiple of it and of the block
+    block = max(tile, (min(block, max(lq, lk)) // tile) * tile)
+    pad_q, pad_k = -lq % block, -lk % block
+    if causal and lq + pad_q != lk + pad_k:
+        raise ValueError(f"causal splash attention needs equal padded lengths, got {lq} and {lk}")
+
+    def pad(x, n, value=0):
+        return jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    scale = 1.0 / jnp.sqrt(jnp.float32(d)).astype(q.dtype)
+    heads_first = lambda x: jnp.transpose(x, (0, 2, 1, 3))
+    qt, kt, vt = heads_first(pad(q * scale, pad_q)), heads_first(pad(k, pad_k)), heads_first(pad(v, pad_k))
+    segments = SegmentIds(q=pad(q_segment_ids.astype(jnp.int32), pad_q, _PAD_SEGMENT),
+                          kv=pad(kv_segment_ids.astype(jnp.int32), pad_k, _PAD_SEGMENT))
+    kernel = _kernel(lq + pad_q, lk + pad_k, h, causal, block, interpret)
+    out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=s1))(qt, kt, vt, segments)
+    return jnp.transpose(out, (0, 2, 1, 3))[:, :lq].astype(q.dtype)
