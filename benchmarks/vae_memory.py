@@ -58,7 +58,8 @@ def main():
         shape = (1, fixed_t, h, w, config.latent_channels)
         tiled_temp, out = memory(tiled, params, shape)
         untiled_temp, _ = memory(untiled, params, shape)
-        print(f"{fixed_t:>6} x {h:>3} x {w:>3} {out / mib:>11.1f} {tiled_temp / mib:>15.1f} {untiled_temp / mib:>17.1f}")
+        print(f"{fixed_t:>6} x {h:>3} x {w:>3} {out / mib:>11.1f} {tiled_temp / mib:>15.1f} "
+              f"{untiled_temp / mib:>17.1f}")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ def test_key_and_shape_errors_are_listed_by_name(reference):
     missing = dict(state)
     del missing["decoder.conv_out.conv.bias"]
     missing["encoder.extra.weight"] = torch.zeros(1)
-    with pytest.raises(KeyError, match=r"missing \['decoder.conv_out.conv.bias'\], unexpected \['encoder.extra.weight'\]"):
+    with pytest.raises(KeyError, match=r"missing \['decoder.conv_out.conv.bias'\], "
+                                       r"unexpected \['encoder.extra.weight'\]"):
         load_torch_vae(missing, config=config)
     wrong = dict(state)
     wrong["quant_conv.weight"] = torch.zeros(8, 8, 1, 1, 2)

@@ -126,7 +126,8 @@ class VAEConfig:
         tiles = dataclasses.replace(preset, **{k: int(v) for k, v in overrides.items() if v is not None})
         s, t = self.spatial_compression_ratio, self.temporal_compression_ratio
         checks = (("tile_sample_min_size", tiles.min_size, s), ("tile_sample_stride", tiles.stride, s),
-                  ("tile_sample_min_frames", tiles.min_frames, t), ("tile_sample_stride_frames", tiles.stride_frames, t))
+                  ("tile_sample_min_frames", tiles.min_frames, t),
+                  ("tile_sample_stride_frames", tiles.stride_frames, t))
         for field, value, ratio in checks:
             if value <= 0 or value % ratio:
                 raise ValueError(f"vae.{field}: must be a positive multiple of {ratio}, got {value}")
@@ -298,7 +299,7 @@ def block_causal_attention(q, k, v, frame_index, block_size: int):
 
 
 class MidBlockAttention(nn.Module):
-    """GroupNorm → 1-head attention over all T·H·W tokens (block-causal over frames) → out projection + residual."""
+    """GroupNorm → 1-head attention over all T·H·W tokens (block-causal over frames) → out projection, + input."""
     config: VAEConfig
 
     @nn.compact

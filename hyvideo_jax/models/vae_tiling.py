@@ -145,7 +145,8 @@ def tiled_encode_moments(model: HunyuanVideoVAE, params, video, tiles: TileParam
         return model.apply({"params": params}, x, method=HunyuanVideoVAE.encode_moments)
 
     return _tiled(encode_tile, video, window=tiles.min_frames, window_stride=tiles.stride_frames,
-                  tile=tiles.min_size, stride=tiles.stride, tiles=tiles, out_frames=(t - 1) // rt + 1, out_hw=(h // rs, w // rs),
+                  tile=tiles.min_size, stride=tiles.stride, tiles=tiles, out_frames=(t - 1) // rt + 1,
+                  out_hw=(h // rs, w // rs),
                   t_blend=lat_window - lat_window_stride, t_keep=lat_window_stride,
                   s_blend=lat_tile - lat_stride, s_keep=lat_stride)
 
