@@ -196,7 +196,7 @@ def torch_state_dict(config: VAEConfig, params) -> Iterator[tuple[str, np.ndarra
         if tuple(array.shape) != shapes[path]:
             raise ValueError(f"{'/'.join(path)}: param shape {array.shape} does not match the config's "
                              f"{shapes[path]}")
-        yield name, np.ascontiguousarray(_to_torch_layout(array))
+        yield name, np.array(_to_torch_layout(array), order="C")  # a writable copy: torch wants one
 
 
 def diffusers_config_json(config: VAEConfig) -> dict[str, Any]:
