@@ -1,0 +1,411 @@
+"""Grain input pipelines of tokenized clips: seeded global shuffle, sharding by JAX process, bucketing by latent
+shape, batching to the process's share of the global batch, prefetch in threads or worker processes.
+
+    it = make_train_pipeline(config.data, jax.process_index(), jax.process_count(), seed=config.seed)
+    batch = next(it)                  # dict of numpy arrays, keys BATCH_KEYS
+    state = it.get_state()            # JSON-friendly; it.set_state(state) resumes at exactly this batch
+
+Batches (B = global_batch_size / process_count, one latent shape per batch):
+
+    latents       [B, T, H, W, C]  config.latent_dtype     scaled VAE latents
+    text_states   [B, L, D]        config.text_dtype
+    text_mask     [B, L]           int32 (1 = token)
+    pooled_text   [B, Dp]          config.text_dtype
+    valid         [B]              bool: False for padding slots (zeros) that fill the last batch of a bucket
+    record_index  [B]              int64: the record's index in the source, -1 for padding
+
+How an epoch is cut into batches (the "batch plan", identical on every process since it depends only on the
+seed, the epoch and the records' latent shapes): the records of each latent shape (bucket) are shuffled and cut into
+global batches; the last global batch of a bucket is completed with padding slots (`valid` False) unless
+`drop_remainder`; then the order of all global batches is shuffled. Process p takes slots [p·B, (p+1)·B) of each
+global batch, so every process runs the same shape at the same step (the jitted step stays in lockstep across
+hosts), the processes' records are disjoint and together they are the epoch, each record exactly once.
+
+The Grain dataset is a `MapDataset` over step numbers (epoch e, step s ↦ this process's slots of the plan), mapped to
+loaded batches; its iterator state is the next step number, so a restored iterator yields exactly the batches an
+uninterrupted one would, with or without worker processes. Save it with the train state through Orbax
+(`grain.checkpoint.CheckpointSave(iterator)` in an `ocp.args.Composite`) or as JSON (`get_state` / `set_state`).
+
+Sources (random access, each `source[i]` a validated `TokenizedClip`, `source.latent_shapes()` [N, 3]):
+`RandomClipSource` (random clips computed from (seed, index), for trainer tests before records exist),
+`ArrayRecordClipSource` (shards written by `hyvideo_jax.data.prepare`), `TfdsClipSource` (`tfds.data_source`).
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from hyvideo_jax.config_fields import from_fields
+from hyvideo_jax.data.schema import (LATENT_DTYPES, TEXT_DTYPES, ClipSpec, RecordError, TokenizedClip, deserialize,
+                                     numpy_dtype, read_header)
+
+BATCH_KEYS = ("latents", "text_states", "text_mask", "pooled_text", "valid", "record_index")
+MANIFEST = "manifest.json"
+SOURCES = ("random", "arrayrecord", "tfds")
+_FOREVER_EPOCHS = 1 << 30  # num_epochs=0: a MapDataset this many epochs long is iterated lazily, never exhausted
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The `config.data` section: where tokenized clips come from and how they are batched.
+
+    `source` is "random" (RandomClipSource with `random_records` clips whose latent shapes cycle through
+    `random_latent_shapes`), "arrayrecord" (`path`: a folder written by prepare, or a comma-separated list of shard
+    files) or "tfds" (`tfds_name`, `tfds_split`, `tfds_data_dir`). `num_epochs` 0 repeats forever.
+    `worker_count` > 0 decodes batches in that many worker processes; `read_threads` threads otherwise.
+    """
+    source: str = "random"
+    path: str = ""
+    tfds_name: str = ""
+    tfds_split: str = "train"
+    tfds_data_dir: str = ""
+    global_batch_size: int = 8
+    num_epochs: int = 0
+    shuffle: bool = True
+    drop_remainder: bool = False
+    worker_count: int = 0
+    worker_buffer_size: int = 2
+    read_threads: int = 2
+    prefetch_buffer_size: int = 4
+    latent_channels: int = 16
+    text_len: int = 256
+    text_dim: int = 4096
+    pooled_dim: int = 768
+    latent_dtype: str = "bfloat16"
+    text_dtype: str = "bfloat16"
+    random_records: int = 64
+    random_latent_shapes: tuple[tuple[int, int, int], ...] = ((5, 8, 8),)
+
+    def __post_init__(self):
+        shapes = tuple(tuple(int(s) for s in shape) for shape in self.random_latent_shapes)
+        object.__setattr__(self, "random_latent_shapes", shapes)
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the first inconsistent field."""
+        def fail(field, msg):
+            raise ValueError(f"data.{field}: {msg}")
+        if self.source not in SOURCES:
+            fail("source", f"must be one of {SOURCES}, got {self.source!r}")
+        if self.source == "arrayrecord" and not self.path:
+            fail("path", "is empty: give the folder written by `python -m hyvideo_jax.data.prepare`")
+        if self.source == "tfds" and not self.tfds_name:
+            fail("tfds_name", "is empty: give the name of a TFDS dataset of tokenized clips")
+        for f in ("global_batch_size", "latent_channels", "text_len", "text_dim", "pooled_dim", "random_records",
+                  "prefetch_buffer_size", "worker_buffer_size"):
+            if int(getattr(self, f)) <= 0:
+                fail(f, f"must be positive, got {getattr(self, f)}")
+        for f in ("num_epochs", "worker_count", "read_threads"):
+            if int(getattr(self, f)) < 0:
+                fail(f, f"must be >= 0, got {getattr(self, f)}")
+        if self.latent_dtype not in LATENT_DTYPES:
+            fail("latent_dtype", f"must be one of {LATENT_DTYPES}, got {self.latent_dtype!r}")
+        if self.text_dtype not in TEXT_DTYPES:
+            fail("text_dtype", f"must be one of {TEXT_DTYPES}, got {self.text_dtype!r}")
+        if not self.random_latent_shapes or any(len(s) != 3 or min(s) < 1 for s in self.random_latent_shapes):
+            fail("random_latent_shapes", f"must be a non-empty list of positive (T, H, W), "
+                 f"got {self.random_latent_shapes}")
+
+    @classmethod
+    def from_config(cls, config: "DataConfig | Mapping[str, Any]") -> "DataConfig":
+        """From `config.data` (its `prepare` and `synthetic` subsections belong to other modules and are ignored)."""
+        if isinstance(config, cls):
+            return config
+        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        values.pop("prepare", None)
+        values.pop("synthetic", None)
+        return from_fields(cls, values, "data")
+
+    @property
+    def spec(self) -> ClipSpec:
+        return ClipSpec(self.latent_channels, self.text_len, self.text_dim, self.pooled_dim)
+
+
+# ------------------------------------------------------------------------------------------------------- sources
+class RandomClipSource:
+    """`num_records` random tokenized clips, record i computed from (seed, i) when read: no files, any size.
+
+    Latent shapes cycle through `latent_shapes` ([T, H, W] each); text masks keep a random number of tokens.
+    """
+
+    def __init__(self, num_records: int, latent_shapes: Sequence[Sequence[int]], spec: ClipSpec, seed: int = 0,
+                 latent_dtype: str = "bfloat16", text_dtype: str = "bfloat16"):
+        self.num_records, self.spec, self.seed = int(num_records), spec, int(seed)
+        self.shapes = np.asarray(latent_shapes, np.int64).reshape(-1, 3)
+        self.latent_dtype, self.text_dtype = numpy_dtype(latent_dtype), numpy_dtype(text_dtype)
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def where(self, index: int) -> str:
+        return f"random record {index}"
+
+    def latent_shapes(self) -> np.ndarray:
+        return self.shapes[np.arange(self.num_records) % len(self.shapes)]
+
+    def __getitem__(self, index: int) -> TokenizedClip:
+        if not 0 <= index < self.num_records:
+            raise IndexError(f"random record {index} out of range [0, {self.num_records})")
+        rng = np.random.default_rng([self.seed, index])
+        t, h, w = (int(s) for s in self.shapes[index % len(self.shapes)])
+        s = self.spec
+        mask = np.zeros(s.text_len, np.int32)
+        mask[:rng.integers(1, s.text_len + 1)] = 1
+        return TokenizedClip(
+            latents=rng.standard_normal((t, h, w, s.latent_channels), np.float32).astype(self.latent_dtype),
+            text_states=rng.standard_normal((s.text_len, s.text_dim), np.float32).astype(self.text_dtype),
+            text_mask=mask,
+            pooled_text=rng.standard_normal(s.pooled_dim, np.float32).astype(self.text_dtype),
+            caption=f"random clip {index}", source_id=f"random-{index}", num_frames=(t - 1) * 4 + 1, fps=24.0,
+            height=h * 8, width=w * 8)
+
+
+def read_manifest(folder: str) -> dict:
+    """The manifest prepare writes beside its shards: {"schema_version", "shards": [{"path", "records",
+    "latent_shapes", "source_ids"}], ...}; an empty manifest if the folder has none yet."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        return {"shards": []}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class ArrayRecordClipSource:
+    """Tokenized clips in ArrayRecord shards: a folder written by prepare (its manifest lists shards and latent
+    shapes), or a list of shard files (latent shapes then come from reading every record's header once)."""
+
+    def __init__(self, path: str | Sequence[str]):
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        if isinstance(path, str) and os.path.isdir(path):
+            shards = read_manifest(path)["shards"]
+            if not shards:
+                raise ValueError(f"{path} holds no prepared shards (no {MANIFEST} or an empty one); run "
+                                 "`python -m hyvideo_jax.data.prepare` first")
+            self.paths = [os.path.join(path, s["path"]) for s in shards]
+            counts = [int(s["records"]) for s in shards]
+            shapes = [np.asarray(s["latent_shapes"], np.int64).reshape(-1, 3) for s in shards]
+        else:
+            self.paths = [p for p in (path.split(",") if isinstance(path, str) else path) if p]
+            missing = [p for p in self.paths if not os.path.exists(p)]
+            if missing:
+                raise FileNotFoundError(f"ArrayRecord shard(s) not found: {missing}")
+            counts = []
+            for p in self.paths:
+                reader = ArrayRecordReader(p)
+                counts.append(reader.num_records())
+                reader.close()
+            shapes = None
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.source = grain.sources.ArrayRecordDataSource(self.paths)
+        if len(self.source) != self.offsets[-1]:
+            raise ValueError(f"shards hold {len(self.source)} records, the manifest lists {self.offsets[-1]}")
+        self._shapes = (np.concatenate(shapes) if shapes else
+                        np.asarray([self._header_shape(i) for i in range(len(self))], np.int64).reshape(-1, 3))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def where(self, index: int) -> str:
+        shard = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return f"shard {self.paths[shard]}, record {index - self.offsets[shard]}"
+
+    def _header_shape(self, index: int) -> list[int]:
+        header, _ = read_header(self.source[index], self.where(index))
+        return header["arrays"]["latents"]["shape"][:3]
+
+    def latent_shapes(self) -> np.ndarray:
+        return self._shapes
+
+    def __getitem__(self, index: int) -> TokenizedClip:
+        return deserialize(self.source[index], self.where(index))
+
+
+class TfdsClipSource:
+    """Tokenized clips from a TFDS dataset read through `tfds.data_source` (ArrayRecord file format).
+
+    Its features are the schema's fields: the arrays (latents, text_states, text_mask, pooled_text), the scalars
+    (caption, source_id, num_frames, fps, height, width) and `schema_version`. TFDS keeps no latent shapes aside,
+    so they are read from every record once, when the source is built.
+    """
+
+    def __init__(self, name: str, split: str = "train", data_dir: str | None = None):
+        import tensorflow_datasets as tfds
+
+        self.name, self.split = name, split
+        self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+        self._shapes = np.asarray([self[i].latent_shape for i in range(len(self))], np.int64).reshape(-1, 3)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def where(self, index: int) -> str:
+        return f"tfds {self.name} split {self.split}, record {index}"
+
+    def latent_shapes(self) -> np.ndarray:
+        return self._shapes
+
+    def __getitem__(self, index: int) -> TokenizedClip:
+        return clip_from_features(self.source[index], self.where(index))
+
+
+def clip_from_features(features: Mapping[str, Any], where: str) -> TokenizedClip:
+    """A validated TokenizedClip from a dict of features (TFDS decoding gives numpy arrays and bytes)."""
+    from hyvideo_jax.data.schema import SCHEMA_VERSION
+
+    version = int(features.get("schema_version", -1))
+    if version != SCHEMA_VERSION:
+        raise RecordError(f"{where}: schema version {version}, this reader expects version {SCHEMA_VERSION}")
+
+    def text(value):
+        return value.decode() if isinstance(value, bytes) else str(value)
+    mask = np.asarray(features["text_mask"])
+    return TokenizedClip(
+        latents=np.asarray(features["latents"]), text_states=np.asarray(features["text_states"]),
+        text_mask=mask.astype(np.int32) if mask.dtype in (np.int64, np.bool_) else mask,
+        pooled_text=np.asarray(features["pooled_text"]), caption=text(features["caption"]),
+        source_id=text(features["source_id"]), num_frames=int(features["num_frames"]), fps=float(features["fps"]),
+        height=int(features["height"]), width=int(features["width"])).validate(where)
+
+
+def make_source(config: DataConfig, seed: int = 0):
+    """The source `config.source` names."""
+    if config.source == "random":
+        return RandomClipSource(config.random_records, config.random_latent_shapes, config.spec, seed,
+                                config.latent_dtype, config.text_dtype)
+    if config.source == "arrayrecord":
+        return ArrayRecordClipSource(config.path)
+    return TfdsClipSource(config.tfds_name, config.tfds_split, config.tfds_data_dir)
+
+
+# ---------------------------------------------------------------------------------------------------- batch plan
+def epoch_plan(latent_shapes: np.ndarray, global_batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+               drop_remainder: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(batch_shapes [S, 3], batch_records [S, global_batch_size]) of one epoch; -1 marks a padding slot.
+
+    Depends only on its arguments, so every process computes the same plan. The number of steps S is the same for
+    every epoch (it depends on the bucket sizes only).
+    """
+    latent_shapes = np.asarray(latent_shapes, np.int64).reshape(-1, 3)
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    buckets, bucket_of = np.unique(latent_shapes, axis=0, return_inverse=True)
+    shapes, rows = [], []
+    for b, shape in enumerate(buckets):
+        records = np.flatnonzero(bucket_of.reshape(-1) == b)
+        if shuffle:
+            records = rng.permutation(records)
+        full = len(records) // global_batch_size * global_batch_size
+        if not drop_remainder and full < len(records):
+            pad = np.full(global_batch_size - (len(records) - full), -1, np.int64)
+            records, full = np.concatenate([records, pad]), len(records) + len(pad)
+        for start in range(0, full, global_batch_size):
+            rows.append(records[start:start + global_batch_size])
+            shapes.append(shape)
+    if not rows:
+        raise ValueError(f"no batch of {global_batch_size} clips can be formed: bucket sizes are "
+                         f"{np.bincount(bucket_of.reshape(-1)).tolist()} and data.drop_remainder is set")
+    order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
+    return np.asarray(shapes, np.int64)[order], np.asarray(rows, np.int64)[order]
+
+
+class ProcessBatchPlan:
+    """step ↦ (latent shape [3], this process's record indices [B]) of the epoch plans (picklable for workers)."""
+
+    def __init__(self, latent_shapes: np.ndarray, global_batch_size: int, process_index: int, process_count: int,
+                 seed: int, shuffle: bool, drop_remainder: bool):
+        if global_batch_size % process_count:
+            raise ValueError(f"data.global_batch_size {global_batch_size} is not divisible by the "
+                             f"{process_count} processes")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+        self.latent_shapes = np.asarray(latent_shapes, np.int64).reshape(-1, 3)
+        self.global_batch_size, self.seed = global_batch_size, seed
+        self.shuffle, self.drop_remainder = shuffle, drop_remainder
+        local = global_batch_size // process_count
+        self.slots = slice(process_index * local, (process_index + 1) * local)
+        self.steps_per_epoch = len(self._plan(0)[0])
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _plan(self, epoch: int):
+        return epoch_plan(self.latent_shapes, self.global_batch_size, self.seed, epoch, self.shuffle,
+                          self.drop_remainder)
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, i = divmod(int(step), self.steps_per_epoch)
+        if epoch not in self._cache:
+            self._cache = {epoch: self._plan(epoch)}  # steps arrive in order (per worker): keep one epoch
+        shapes, rows = self._cache[epoch]
+        return shapes[i], rows[i, self.slots]
+
+
+class LoadBatch(grain.transforms.Map):
+    """(latent shape, record indices) ↦ the batch dict of the module docstring; padding slots are zeros."""
+
+    def __init__(self, source, config: DataConfig):
+        self.source, self.spec = source, config.spec
+        self.latent_dtype, self.text_dtype = numpy_dtype(config.latent_dtype), numpy_dtype(config.text_dtype)
+
+    def map(self, element: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+        shape, indices = element
+        s, b = self.spec, len(indices)
+        batch = dict(latents=np.zeros((b, *shape, s.latent_channels), self.latent_dtype),
+                     text_states=np.zeros((b, s.text_len, s.text_dim), self.text_dtype),
+                     text_mask=np.zeros((b, s.text_len), np.int32),
+                     pooled_text=np.zeros((b, s.pooled_dim), self.text_dtype),
+                     valid=indices >= 0, record_index=np.asarray(indices, np.int64))
+        for slot, index in enumerate(indices):
+            if index < 0:
+                continue
+            where = self.source.where(int(index))
+            clip = self.spec.check(self.source[int(index)], where)
+            if clip.latent_shape != tuple(shape):
+                raise RecordError(f"{where}: latent shape {clip.latent_shape} differs from the {tuple(shape)} the "
+                                  "source listed for it (stale manifest?)")
+            batch["latents"][slot] = clip.latents
+            batch["text_states"][slot] = clip.text_states
+            batch["text_mask"][slot] = clip.text_mask
+            batch["pooled_text"][slot] = clip.pooled_text
+        return batch
+
+
+# ------------------------------------------------------------------------------------------------------ pipeline
+def make_dataset(config: "DataConfig | Mapping[str, Any]", process_index: int, process_count: int, seed: int = 0,
+                 source=None) -> grain.IterDataset:
+    """The Grain IterDataset of this process's batches (see the module docstring); `source` overrides config's."""
+    config = DataConfig.from_config(config)
+    source = make_source(config, seed) if source is None else source
+    plan = ProcessBatchPlan(source.latent_shapes(), config.global_batch_size, process_index, process_count, seed,
+                            config.shuffle, config.drop_remainder)
+    epochs = config.num_epochs or _FOREVER_EPOCHS
+    ds = grain.MapDataset.range(plan.steps_per_epoch * epochs).map(plan).map(LoadBatch(source, config))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                              prefetch_buffer_size=config.prefetch_buffer_size))
+    if config.worker_count:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            # Grain's worker processes read absl flags (with their defaults); a library caller may not run absl.app.
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
+                                                         per_worker_buffer_size=config.worker_buffer_size))
+    return ds
+
+
+def make_train_pipeline(config: "DataConfig | Mapping[str, Any]", process_index: int | None = None,
+                        process_count: int | None = None, seed: int = 0, source=None) -> grain.DatasetIterator:
+    """An iterator of this process's batches with `get_state()` / `set_state(state)`; processes default to JAX's."""
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    return iter(make_dataset(config, process_index, process_count, seed, source))
+
+
+def steps_per_epoch(config: "DataConfig | Mapping[str, Any]", seed: int = 0, source=None) -> int:
+    """Number of batches in one epoch (the same on every process)."""
+    config = DataConfig.from_config(config)
+    source = make_source(config, seed) if source is None else source
+    return len(epoch_plan(source.latent_shapes(), config.global_batch_size, seed, 0, config.shuffle,
+                          config.drop_remainder)[0])
