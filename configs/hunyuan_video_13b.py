@@ -28,6 +28,7 @@ def get_config():
         dtype="bfloat16",
         remat_policy="dots_no_batch",
         attention_backend="xla",
+        sequence_parallel="auto",
     ))
     # Text encoders (reference section 3): folders in transformers layout with their tokenizers, downloaded by the user.
     config.text = ml_collections.ConfigDict(dict(
@@ -62,5 +63,35 @@ def get_config():
         )),
         loss=ml_collections.ConfigDict(dict(l1_weight=1.0, kl_weight=1e-6, temporal_weight=0.0,
                                             sample_posterior=True)),
+    ))
+    # Tokenized clips written by `python -m hyvideo_jax.data.prepare` (set data.path to its output folder).
+    config.data = ml_collections.ConfigDict(dict(
+        source="arrayrecord",
+        path="",
+        global_batch_size=32,
+        num_epochs=0,                 # 0: repeat forever
+        shuffle=True,
+        drop_remainder=False,         # False: the last batch of a bucket is padded (valid=False), no clip dropped
+        worker_count=4,               # a 720p x 129 record is ~15 MB of bf16 latents + 2 MB of text states
+        worker_buffer_size=2,
+        read_threads=4,
+        prefetch_buffer_size=2,
+        latent_channels=config.model.in_channels,
+        text_len=config.text.text_len,
+        text_dim=config.model.text_states_dim,
+        pooled_dim=config.model.pooled_text_dim,
+        latent_dtype="bfloat16",
+        text_dtype="bfloat16",
+        prepare=ml_collections.ConfigDict(dict(
+            fps=24.0,
+            # (frames, height, width): 720p and 544p landscape, portrait and square, 129 and 65 frames.
+            buckets=((129, 720, 1280), (129, 1280, 720), (129, 960, 960),
+                     (129, 544, 960), (129, 960, 544), (129, 720, 720),
+                     (65, 544, 960), (65, 960, 544), (65, 720, 720)),
+            records_per_shard=64,
+            vae_batch_size=1,
+            vae_checkpoint="",            # a folder from `python -m hyvideo_jax.convert to-flax` of the released VAE
+            vae_seed=0,
+        )),
     ))
     return config

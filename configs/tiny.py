@@ -28,6 +28,7 @@ def get_config():
         dtype="float32",
         remat_policy="none",
         attention_backend="xla",
+        sequence_parallel="auto",
     ))
     # Text encoders: small random LLaMA + CLIP with byte-level tokenizers built in code (no downloads), seeded.
     config.text = ml_collections.ConfigDict(dict(
@@ -58,5 +59,35 @@ def get_config():
         )),
         loss=ml_collections.ConfigDict(dict(l1_weight=1.0, kl_weight=1e-6, temporal_weight=0.0,
                                             sample_posterior=True)),
+    ))
+    # Tokenized clips (hyvideo_jax/data): random clips of the tiny model's shapes until prepared records exist.
+    config.data = ml_collections.ConfigDict(dict(
+        source="random",
+        path="",
+        global_batch_size=8,
+        num_epochs=0,                 # 0: repeat forever
+        shuffle=True,
+        drop_remainder=False,         # False: the last batch of a bucket is padded (valid=False), no clip dropped
+        worker_count=0,
+        read_threads=2,
+        prefetch_buffer_size=4,
+        latent_channels=config.model.in_channels,
+        text_len=config.text.text_len,
+        text_dim=config.model.text_states_dim,
+        pooled_dim=config.model.pooled_text_dim,
+        latent_dtype="bfloat16",
+        text_dtype="float32",
+        random_records=64,
+        random_latent_shapes=((2, 4, 4), (3, 4, 6)),  # [T, H, W] latents; H, W even for patch_size 2
+        prepare=ml_collections.ConfigDict(dict(
+            fps=8.0,
+            buckets=((5, 32, 32), (5, 16, 32)),  # (frames, height, width) pixels: one VAE tile, no tiling
+            records_per_shard=16,
+            vae_batch_size=2,
+            vae_checkpoint="",            # random VAE weights (vae_seed): the records have the right structure only
+            vae_seed=0,
+        )),
+        synthetic=ml_collections.ConfigDict(dict(
+            num_videos=8, sizes=((32, 32), (16, 32)), frames=(6, 9), fps=8.0, seed=0)),
     ))
     return config

@@ -38,6 +38,35 @@ def _tile_mask(qs, ks, qi, kj, block_q, block_k, causal):
     return mask
 
 
+def online_softmax_init(b, lq, h, d):
+    """(running max, normalizer, accumulator) for queries [b, lq, h, d]: -inf, 0, 0."""
+    return (jnp.full((b, h, lq), -jnp.inf, jnp.float32), jnp.zeros((b, h, lq), jnp.float32),
+            jnp.zeros((b, lq, h, d), jnp.float32))
+
+
+def online_softmax_step(state, q, k, v, mask, scale):
+    """Fold the keys/values k, v [b, lk, h, d] (visible where mask [b, 1|h, lq, lk]) into the state of q."""
+    m, l, acc = state
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask, s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
+    correction = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+    l = l * correction + p.sum(-1)
+    pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc = acc * jnp.moveaxis(correction, 1, 2)[..., None] + pv
+    return m_new, l, acc
+
+
+def online_softmax_finish(state):
+    """(output [b, lq, h, d] fp32, log-sum-exp [b, h, lq]); rows that saw no key give 0 and lse = +inf."""
+    m, l, acc = state
+    out = acc / jnp.moveaxis(jnp.maximum(l, 1e-30), 1, 2)[..., None]
+    lse = jnp.where(l > 0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.maximum(l, 1e-30)), jnp.inf)
+    return out, lse
+
+
 def _forward(q, k, v, qseg, kseg, causal, block_q, block_k):
     b, lq, h, d = q.shape
     lk = k.shape[1]
@@ -50,25 +79,13 @@ def _forward(q, k, v, qseg, kseg, causal, block_q, block_k):
         qi, q_blk, qs = args
 
         def step(carry, xs):
-            m, l, acc = carry
             kj, k_blk, v_blk, ks = xs
-            s = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
             mask = _tile_mask(qs, ks, qi, kj, block_q, block_k, causal)
-            s = jnp.where(mask, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
-            correction = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
-            l = l * correction + p.sum(-1)
-            pv = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
-            acc = acc * jnp.moveaxis(correction, 1, 2)[..., None] + pv
-            return (m_new, l, acc), None
+            return online_softmax_step(carry, q_blk, k_blk, v_blk, mask, scale), None
 
-        init = (jnp.full((b, h, block_q), -jnp.inf, jnp.float32), jnp.zeros((b, h, block_q), jnp.float32),
-                jnp.zeros((b, block_q, h, d), jnp.float32))
-        (m, l, acc), _ = jax.lax.scan(step, init, (jnp.arange(nk), kb, vb, ksb))
-        out = acc / jnp.moveaxis(jnp.maximum(l, 1e-30), 1, 2)[..., None]
-        lse = jnp.where(l > 0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.maximum(l, 1e-30)), jnp.inf)
+        init = online_softmax_init(b, block_q, h, d)
+        state, _ = jax.lax.scan(step, init, (jnp.arange(nk), kb, vb, ksb))
+        out, lse = online_softmax_finish(state)
         return out.astype(q.dtype), lse
 
     out, lse = jax.lax.map(one_q_block, (jnp.arange(nq), qb, qsb))

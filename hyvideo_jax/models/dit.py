@@ -21,6 +21,7 @@ from hyvideo_jax.models.attention import BACKENDS, attention
 from hyvideo_jax.models.layers import (MLP, REMAT_POLICIES, LayerNorm, Modulation, RMSNorm, VectorEmbedder, dense,
                                        dtypes as _dtypes, modulate, scan_blocks)
 from hyvideo_jax.models.rope import apply_rope, rope_tables
+from hyvideo_jax.parallel.sequence import METHODS as SEQUENCE_PARALLEL_METHODS, joint_attention
 
 PADDING_SEGMENT = 2  # segment id of padded text tokens; image and valid text tokens are segment 1
 
@@ -49,6 +50,7 @@ class DiTConfig:
     dtype: str = "float32"
     remat_policy: str = "none"
     attention_backend: str = "xla"
+    sequence_parallel: str = "auto"  # over the mesh axis 'sequence': ulysses | ring | auto (ulysses if heads allow)
 
     def __post_init__(self):
         object.__setattr__(self, "rope_axes_dim", tuple(int(d) for d in self.rope_axes_dim))
@@ -87,6 +89,8 @@ class DiTConfig:
                 fail(f, f"must be float32, bfloat16 or float16, got {getattr(self, f)!r}")
         if self.remat_policy not in REMAT_POLICIES:
             fail("remat_policy", f"must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
+        if self.sequence_parallel not in SEQUENCE_PARALLEL_METHODS:
+            fail("sequence_parallel", f"must be one of {SEQUENCE_PARALLEL_METHODS}, got {self.sequence_parallel!r}")
         if self.attention_backend not in BACKENDS:
             fail("attention_backend", f"must be one of {sorted(BACKENDS)}, got {self.attention_backend!r}")
 
@@ -99,11 +103,11 @@ class DiTConfig:
         return to_plain_dict(self)
 
 
-def _qkv(x, cfg: DiTConfig, name: str):
+def _qkv(x, cfg: DiTConfig, name: str, seq: str = "seq"):
     """Fused q|k|v projection [B, L, D] → three [B, L, H, Dh] (kernel [D, 3, H, Dh])."""
     qkv = dense((3, cfg.num_heads, cfg.head_dim), ("embed", None, "heads", "kv"), name=name,
                 use_bias=cfg.qkv_bias, **_dtypes(cfg))(x)
-    qkv = nn.with_logical_constraint(qkv, ("batch", "seq", None, "act_heads", "act_kv"))
+    qkv = nn.with_logical_constraint(qkv, ("batch", seq, None, "act_heads", "act_kv"))
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
@@ -113,8 +117,9 @@ def _out_proj(x, cfg: DiTConfig, name: str, use_bias: bool = True):
                  **_dtypes(cfg))(x)
 
 
-def _residual(x):
-    return nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+def _residual(x, seq: str = "seq"):
+    """The residual stream [B, L, D]; image (and joint) tokens use 'seq', text tokens 'text_seq' (replicated)."""
+    return nn.with_logical_constraint(x, ("batch", seq, "act_embed"))
 
 
 class TokenRefinerBlock(nn.Module):
@@ -126,13 +131,13 @@ class TokenRefinerBlock(nn.Module):
         cfg, dt = self.cfg, _dtypes(self.cfg)
         gate_msa, gate_mlp = Modulation(2, name="adaLN_modulation", **dt)(c)
         h = LayerNorm(affine=True, name="norm1", param_dtype=dt["param_dtype"])(x)
-        q, k, v = _qkv(h, cfg, "self_attn_qkv")
+        q, k, v = _qkv(h, cfg, "self_attn_qkv", seq="text_seq")
         a = attention(q, k, v, segment_ids, segment_ids, backend=cfg.attention_backend)
         x = x + gate_msa[:, None] * _out_proj(a, cfg, "self_attn_proj")
         h = LayerNorm(affine=True, name="norm2", param_dtype=dt["param_dtype"])(x)
         mlp_dim = int(cfg.hidden_size * cfg.refiner_mlp_ratio)
         x = x + gate_mlp[:, None] * MLP(mlp_dim, activation=nn.silu, name="mlp", **dt)(h)
-        return _residual(x), None
+        return _residual(x, "text_seq"), None
 
 
 class TokenRefiner(nn.Module):
@@ -151,7 +156,7 @@ class TokenRefiner(nn.Module):
         segment_ids = jnp.where(text_mask.astype(bool), 1, PADDING_SEGMENT).astype(jnp.int32)
         blocks = scan_blocks(TokenRefinerBlock, cfg, cfg.depth_refiner, "blocks", n_broadcast=2,
                              remat_policy=cfg.remat_policy)
-        x, _ = blocks(_residual(x), c, segment_ids)
+        x, _ = blocks(_residual(x, "text_seq"), c, segment_ids)
         return x
 
 
@@ -167,26 +172,26 @@ class DoubleStreamBlock(nn.Module):
         img_mod = Modulation(6, name="img_mod", **dt)(vec)
         txt_mod = Modulation(6, name="txt_mod", **dt)(vec)
 
-        def stream_qkv(x, mod, prefix):
-            q, k, v = _qkv(modulate(LayerNorm()(x), mod[0], mod[1]), cfg, f"{prefix}_attn_qkv")
+        def stream_qkv(x, mod, prefix, seq):
+            q, k, v = _qkv(modulate(LayerNorm()(x), mod[0], mod[1]), cfg, f"{prefix}_attn_qkv", seq)
             q = RMSNorm(name=f"{prefix}_attn_q_norm", param_dtype=dt["param_dtype"], axis_name="kv")(q)
             k = RMSNorm(name=f"{prefix}_attn_k_norm", param_dtype=dt["param_dtype"], axis_name="kv")(k)
             return q, k, v
 
-        img_q, img_k, img_v = stream_qkv(img, img_mod, "img")
+        img_q, img_k, img_v = stream_qkv(img, img_mod, "img", "seq")
         img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
-        txt_q, txt_k, txt_v = stream_qkv(txt, txt_mod, "txt")
+        txt_q, txt_k, txt_v = stream_qkv(txt, txt_mod, "txt", "text_seq")
         q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v)))
-        a = attention(q, k, v, segment_ids, segment_ids, backend=cfg.attention_backend)
+        a = joint_attention(q, k, v, segment_ids, n_img, backend=cfg.attention_backend, method=cfg.sequence_parallel)
 
-        def stream_out(x, a, mod, prefix):
+        def stream_out(x, a, mod, prefix, seq):
             x = x + mod[2][:, None] * _out_proj(a, cfg, f"{prefix}_attn_proj")
             h = modulate(LayerNorm()(x), mod[3], mod[4])
             x = x + mod[5][:, None] * MLP(cfg.mlp_dim, name=f"{prefix}_mlp", **dt)(h)
-            return _residual(x)
+            return _residual(x, seq)
 
-        img = stream_out(img, a[:, :n_img], img_mod, "img")
-        txt = stream_out(txt, a[:, n_img:], txt_mod, "txt")
+        img = stream_out(img, a[:, :n_img], img_mod, "img", "seq")
+        txt = stream_out(txt, a[:, n_img:], txt_mod, "txt", "text_seq")
         return (img, txt), None
 
 
@@ -212,7 +217,7 @@ class SingleStreamBlock(nn.Module):
         k = RMSNorm(name="k_norm", param_dtype=dt["param_dtype"], axis_name="kv")(k)
         q = jnp.concatenate([apply_rope(q[:, :n_img], cos, sin), q[:, n_img:]], axis=1)
         k = jnp.concatenate([apply_rope(k[:, :n_img], cos, sin), k[:, n_img:]], axis=1)
-        a = attention(q, k, v, segment_ids, segment_ids, backend=cfg.attention_backend)
+        a = joint_attention(q, k, v, segment_ids, n_img, backend=cfg.attention_backend, method=cfg.sequence_parallel)
         out = (_out_proj(a, cfg, "linear2_attn")
                + dense(cfg.hidden_size, ("mlp", "embed"), name="linear2_mlp", use_bias=False, **dt)(mlp))
         return _residual(x + gate[:, None] * out), None
@@ -293,7 +298,7 @@ class HunyuanVideoDiT(nn.Module):
         remat = cfg.remat_policy
         double = scan_blocks(DoubleStreamBlock, cfg, cfg.depth_double, "double_blocks", n_broadcast=4,
                              remat_policy=remat)
-        (img, txt), _ = double((_residual(img), _residual(txt)), vec, cos, sin, segment_ids)
+        (img, txt), _ = double((_residual(img), _residual(txt, "text_seq")), vec, cos, sin, segment_ids)
         single = scan_blocks(SingleStreamBlock, cfg, cfg.depth_single, "single_blocks", n_broadcast=4,
                              remat_policy=remat)
         x, _ = single(jnp.concatenate([img, txt], axis=1), vec, cos, sin, segment_ids)

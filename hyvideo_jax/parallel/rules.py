@@ -19,7 +19,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),       # text-encoder embeddings
     # activations
     ("batch", ("data", "fsdp")),
-    ("seq", "sequence"),
+    ("seq", "sequence"),       # image tokens (and the joint image+text sequence of single blocks)
+    ("text_seq", None),        # text tokens: replicated over the sequence axis
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),

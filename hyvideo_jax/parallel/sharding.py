@@ -1,0 +1,57 @@
+"""From logical axis names to shardings on a mesh, and parameters created or placed directly on it.
+
+    mesh = create_mesh(config.mesh)
+    params = init_sharded(model, mesh, jax.random.PRNGKey(0), *example_inputs)   # never whole on one device
+    shardings = param_shardings(abstract_params, mesh)                           # for Orbax restore, jit
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules: Rules = LOGICAL_AXIS_RULES):
+    """NamedSharding for an array whose axes have these logical names."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(logical_axes), rules))
+
+
+def param_shardings(boxed_params, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES):
+    """Tree of NamedShardings for a tree of `nn.Partitioned` (boxed) params or their ShapeDtypeStructs."""
+    specs = nn.get_partition_spec(boxed_params)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def abstract_params(model: nn.Module, *example_inputs, rng=None):
+    """Boxed ShapeDtypeStructs of `model.init(...)['params']`, without allocating anything."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return jax.eval_shape(lambda: model.init(rng, *example_inputs))["params"]
+
+
+def init_sharded(model: nn.Module, mesh: Mesh, rng, *example_inputs, rules: Rules = LOGICAL_AXIS_RULES):
+    """`model.init` compiled with `out_shardings`, so each device creates only its own shard of every parameter."""
+    boxed = abstract_params(model, *example_inputs, rng=rng)
+    shardings = param_shardings(boxed, mesh, rules)
+
+    def init(r):
+        with nn.logical_axis_rules(rules):
+            return nn.unbox(model.init(r, *example_inputs)["params"])
+    with jax.set_mesh(mesh):
+        return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def place_params(params, boxed_or_shardings, mesh: Mesh | None = None, rules: Rules = LOGICAL_AXIS_RULES):
+    """Put a host tree (e.g. converted NumPy params) on the mesh leaf by leaf."""
+    shardings = boxed_or_shardings
+    if mesh is not None:
+        shardings = param_shardings(boxed_or_shardings, mesh, rules)
+    return jax.tree_util.tree_map(jax.device_put, params, shardings)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

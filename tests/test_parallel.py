@@ -1,0 +1,111 @@
+"""Sharded DiT on 8 simulated CPU devices equals the single-device result; parameters really are sharded;
+Ulysses and ring sequence parallelism match unsharded attention."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from hyvideo_jax.models.attention import xla_attention
+from hyvideo_jax.models.dit import HunyuanVideoDiT
+from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
+from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
+from hyvideo_jax.parallel.sequence import joint_attention
+from hyvideo_jax.parallel.sharding import abstract_params, init_sharded, param_shardings, place_params
+from tests.test_dit_model import example_inputs, random_init, tiny_config
+
+MESHES = [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 2, 1), (1, 2, 4, 1), (1, 1, 8, 1), (1, 2, 2, 2)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cfg = tiny_config(depth_double=1, depth_single=1, depth_refiner=1)
+    inputs = example_inputs(cfg, t=2, h=8, w=8)  # 32 image tokens: divisible by every sequence-axis size here
+    params = jax.tree_util.tree_map(np.asarray, random_init(cfg, inputs))
+    model = HunyuanVideoDiT(cfg)
+    loss = lambda p, *a: jnp.mean(model.apply({"params": p}, *a) ** 2)
+    out = jax.jit(model.apply)({"params": params}, *inputs)
+    grads = jax.jit(jax.grad(loss))(params, *inputs)
+    return cfg, inputs, params, np.asarray(out), grads
+
+
+def per_device_bytes(tree):
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_sharded_forward_and_gradients_equal_single_device(reference, shape):
+    cfg, inputs, params, ref_out, ref_grads = reference
+    mesh = create_mesh(MeshConfig(ici=shape))
+    model = HunyuanVideoDiT(cfg)
+    boxed = abstract_params(model, *inputs)
+    shardings = param_shardings(boxed, mesh)
+    sharded = place_params(params, shardings)
+    loss = lambda p, *a: jnp.mean(model.apply({"params": p}, *a) ** 2)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        out = jax.jit(model.apply)({"params": sharded}, *inputs)
+        grads = jax.jit(jax.grad(loss), out_shardings=shardings)(sharded, *inputs)
+    np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-5 * np.abs(ref_out).max())
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5 + 1e-4 * float(jnp.abs(r).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+    # the parameters really are sharded as the rules say
+    fc1 = sharded["double_blocks"]["img_mlp"]["fc1"]["kernel"]  # [layers, embed, mlp]
+    assert fc1.sharding.spec == P(None, "fsdp", "tensor")
+    assert fc1.addressable_shards[0].data.shape == (1, 64 // shape[1], 256 // shape[3])
+
+
+def test_fsdp_shrinks_per_device_bytes(reference):
+    cfg, inputs, params, _, _ = reference
+    model = HunyuanVideoDiT(cfg)
+    full = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params))
+    sizes = {}
+    for fsdp in (1, 2, 8):
+        mesh = create_mesh(MeshConfig(ici=(8 // fsdp, fsdp, 1, 1)))
+        sizes[fsdp] = per_device_bytes(init_sharded(model, mesh, jax.random.PRNGKey(0), *inputs))
+    print(f"per-device parameter bytes: total {full:,}; fsdp 1 → {sizes[1]:,}, 2 → {sizes[2]:,}, 8 → {sizes[8]:,}")
+    assert sizes[1] == full and sizes[2] < 0.6 * full and sizes[8] < 0.2 * full
+
+
+@pytest.mark.parametrize("method", ["ulysses", "ring"])
+@pytest.mark.parametrize("seq", [2, 4, 8])
+def test_sequence_parallel_attention_matches_unsharded(method, seq):
+    heads = 8 if method == "ulysses" else 6  # 6 heads do not divide over 4 or 8 devices: the ring still works
+    b, n_img, n_txt, d = 2, 64, 7, 16
+    keys = jax.random.split(jax.random.PRNGKey(seq), 4)
+    q, k, v, dout = [jax.random.normal(x, (b, n_img + n_txt, heads, d)) for x in keys]
+    text_valid = np.array([[1] * 5 + [0] * 2, [1] + [0] * 6])
+    seg = jnp.asarray(np.concatenate([np.ones((b, n_img), np.int32), np.where(text_valid, 1, 2)], 1))
+    ref = xla_attention(q, k, v, seg, seg)
+    ref_grads = jax.vjp(lambda *x: xla_attention(*x, seg, seg), q, k, v)[1](dout)
+    mesh = create_mesh(MeshConfig(ici=(8 // seq, 1, seq, 1)))
+    fn = lambda *x: joint_attention(*x, seg, n_img, method=method)
+    with jax.set_mesh(mesh):
+        out = jax.jit(fn)(q, k, v)
+        grads = jax.jit(lambda *x: jax.vjp(fn, *x)[1](dout))(q, k, v)
+    valid = np.asarray(seg == 1)
+    np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=2e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=5e-5)
+
+
+def test_ulysses_rejects_indivisible_heads():
+    q = jnp.zeros((1, 16 + 4, 6, 8))
+    seg = jnp.ones((1, 20), jnp.int32)
+    with jax.set_mesh(create_mesh(MeshConfig(ici=(2, 1, 4, 1)))):
+        with pytest.raises(ValueError, match="Ulysses needs the 6 heads per device divisible by .* 4"):
+            joint_attention(q, q, q, seg, 16, method="ulysses")
+
+
+def test_mesh_config_errors():
+    with pytest.raises(ValueError, match=r"mesh.ici \(3, -1, 1, 1\): 8 devices per slice do not divide by 3"):
+        create_mesh(MeshConfig(ici=(3, -1, 1, 1)))
+    with pytest.raises(ValueError, match=r"mesh.ici: needs one size per axis"):
+        MeshConfig(ici=(2, 4))
+    assert create_mesh(MeshConfig(ici=(1, -1, 2, 1))).shape == {"data": 1, "fsdp": 4, "sequence": 2, "tensor": 1}
+    hybrid = create_mesh(MeshConfig(ici=(1, 2, 2, 1), dcn=(2, 1, 1, 1)))
+    assert hybrid.shape == {"data": 2, "fsdp": 2, "sequence": 2, "tensor": 1}
