@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "einops==0.8.2",
     "clu==0.0.12",
+    "tensorflow-cpu==2.21.0",     # clu's TensorBoard metric writer imports it
+    "tensorboard==2.21.0",
     "absl-py==2.5.1",
     "numpy>=2.0,<3",
     "safetensors==0.8.0",
