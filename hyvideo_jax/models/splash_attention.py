@@ -7,15 +7,17 @@ backend (used by the CPU tests); on TPU it compiles to Mosaic.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 _PAD_SEGMENT = -1
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(lq: int, lk: int, heads: int, causal: bool, block: int, interpret: bool):
+    # Built per call, not cached: the kernel holds arrays made under the caller's trace (its mask info).
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
     mask = sm.CausalMask((lq, lk)) if causal else sm.FullMask((lq, lk))
@@ -28,12 +30,33 @@ def _kernel(lq: int, lk: int, heads: int, causal: bool, block: int, interpret: b
 
 def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False, *, block: int = 512,
                      interpret: bool = False):
-    """q [B, Lq, H, D], k/v [B, Lk, H, D], int segment ids [B, L] → [B, Lq, H, D]."""
+    """q [B, Lq, H, D], k/v [B, Lk, H, D], int segment ids [B, L] → [B, Lq, H, D].
+
+    Under a mesh (outside any shard_map) the kernel runs per device: Mosaic kernels cannot be partitioned by
+    GSPMD, so the call is wrapped in a `shard_map` over the batch axes ('data', 'fsdp') and heads ('tensor'),
+    each used only when it divides the array.
+    """
+    if q_segment_ids is None:
+        q_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+        kv_segment_ids = jnp.ones(k.shape[:2], jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and not mesh.are_all_axes_manual and mesh.size > 1:
+        sizes = dict(mesh.shape)
+        batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+        n_batch = math.prod(sizes[a] for a in batch_axes)
+        batch = batch_axes if batch_axes and q.shape[0] % n_batch == 0 else None
+        heads = "tensor" if sizes.get("tensor", 1) > 1 and q.shape[2] % sizes["tensor"] == 0 else None
+        x_spec, s_spec = P(batch, None, heads, None), P(batch, None)
+        local = functools.partial(_splash_local, causal=causal, block=block, interpret=interpret)
+        return jax.shard_map(local, in_specs=(x_spec,) * 3 + (s_spec,) * 2, out_specs=x_spec,
+                             check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
+    return _splash_local(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, block=block, interpret=interpret)
+
+
+def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, block, interpret):
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    if q_segment_ids is None:
-        q_segment_ids, kv_segment_ids = jnp.ones((b, lq), jnp.int32), jnp.ones((b, lk), jnp.int32)
     tile = 128  # the kernel's lane width: sequence lengths are padded to a multiple of it and of the block
     block = max(tile, (min(block, max(lq, lk)) // tile) * tile)
     pad_q, pad_k = -lq % block, -lk % block
