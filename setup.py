@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "safetensors==0.8.0",
     "tqdm==4.70.1",
+    "av==18.1.0",                 # PyAV: video decode (data.prepare) and mp4 encode (data.synthetic)
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,0 +1,319 @@
+"""Videos + captions → ArrayRecord shards of tokenized clips (VAE latents + text states), resumable.
+
+    python -m hyvideo_jax.data.prepare --videos=DIR --captions=FILE --out=DIR --config=configs/demo.py
+
+For each video (sorted by file name) with a caption: decode (PyAV), sample frames at `data.prepare.fps`, pick a
+bucket (below), resize to cover the bucket's frame and centre-crop, scale pixels to [-1, 1]; then, in batches of
+`vae_batch_size` clips of one bucket, encode with the VAE (jitted; tiled when larger than a tile; posterior mean,
+scaled) and the text encoders, and write one record per clip (`hyvideo_jax.data.schema`).
+
+Buckets are pixel sizes (frames, height, width) with frames 4k+1. A video goes to the spatial size whose aspect
+ratio is closest to its own (the larger one on ties), and to the longest bucket of that size that its duration
+fills; the clip starts at the video's first frame. Frame sampling takes, for each time k/fps, the last decoded
+frame shown at or before it.
+
+Output folder:
+    clips-00000.array_record, ...   shards of `records_per_shard` records (the last one may be shorter)
+    manifest.json                   shards, their records' latent shapes and source ids; the pipeline reads it
+    summary.json                    this run's counts and every skipped video with its reason
+
+Resuming: a shard enters the manifest only once closed, and the manifest is replaced atomically, so a run that
+stops leaves only whole shards listed; the next run skips the videos already listed and overwrites any unlisted
+partial shard. A video that cannot be decoded, is too short for every bucket, or has no caption is skipped and
+reported, never fatal.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from hyvideo_jax.config_fields import from_fields
+from hyvideo_jax.data.pipeline import MANIFEST, DataConfig, read_manifest
+from hyvideo_jax.data.schema import SCHEMA_VERSION, TokenizedClip, numpy_dtype, serialize
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif")
+SUMMARY = "summary.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """The `config.data.prepare` section. `buckets` are (frames, height, width) in pixels; `vae_checkpoint` is a
+    folder written by `python -m hyvideo_jax.convert` (empty: random VAE weights from `vae_seed`, for the demo)."""
+    fps: float = 24.0
+    buckets: tuple[tuple[int, int, int], ...] = ((129, 544, 960),)
+    records_per_shard: int = 64
+    vae_batch_size: int = 1
+    vae_checkpoint: str = ""
+    vae_seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "buckets", tuple(tuple(int(v) for v in b) for b in self.buckets))
+        self.validate()
+
+    def validate(self):
+        def fail(field, msg):
+            raise ValueError(f"data.prepare.{field}: {msg}")
+        if not self.fps > 0:
+            fail("fps", f"must be positive, got {self.fps}")
+        if not self.buckets:
+            fail("buckets", "needs at least one (frames, height, width)")
+        for b in self.buckets:
+            if len(b) != 3 or b[0] < 1 or (b[0] - 1) % 4 or b[1] % 16 or b[2] % 16 or min(b) < 1:
+                fail("buckets", f"each bucket must be (frames 4k+1, height, width multiples of 16), got {b}")
+        for f in ("records_per_shard", "vae_batch_size"):
+            if getattr(self, f) < 1:
+                fail(f, f"must be positive, got {getattr(self, f)}")
+
+    @classmethod
+    def from_config(cls, config: "PrepareConfig | Mapping[str, Any]") -> "PrepareConfig":
+        return from_fields(cls, config, "data.prepare")
+
+
+class SkipVideo(Exception):
+    """A video that is not turned into a record; the message is the reason given in the summary."""
+
+
+# -------------------------------------------------------------------------------------------------------- videos
+def read_captions(path: str) -> dict[str, str]:
+    """{video file name: caption} from JSON lines ({"video": ..., "caption": ...}) or `name<TAB>caption` lines."""
+    captions = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    entry = json.loads(line)
+                    captions[str(entry["video"])] = str(entry["caption"])
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{path} line {n}: expected {{\"video\": ..., \"caption\": ...}}, "
+                                     f"got {line.strip()[:80]!r}") from None
+            else:
+                name, sep, caption = line.rstrip("\n").partition("\t")
+                if not sep:
+                    raise ValueError(f"{path} line {n}: expected 'file name<TAB>caption', got {line.strip()[:80]!r}")
+                captions[name] = caption
+    return captions
+
+
+def choose_size(height: int, width: int, buckets: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
+    """The bucket (height, width) whose aspect ratio is closest to height:width in log scale (larger area on ties)."""
+    sizes = sorted({(b[1], b[2]) for b in buckets}, key=lambda s: -s[0] * s[1])
+    return min(sizes, key=lambda s: abs(math.log(s[1] / s[0]) - math.log(width / height)))
+
+
+def resize_crop(frame, height: int, width: int) -> np.ndarray:
+    """uint8 [height, width, 3] from a PyAV VideoFrame: scaled (bicubic) to cover the size, centre-cropped."""
+    scale = max(height / frame.height, width / frame.width)
+    rh, rw = max(height, round(frame.height * scale)), max(width, round(frame.width * scale))
+    rgb = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="BICUBIC").to_ndarray()
+    top, left = (rh - height) // 2, (rw - width) // 2
+    return rgb[top:top + height, left:left + width]
+
+
+def decode_clip(path: str, config: PrepareConfig) -> tuple[np.ndarray, float]:
+    """(video [T, H, W, 3] float32 in [-1, 1] of the chosen bucket, source fps); SkipVideo with a reason."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise SkipVideo("no video stream")
+            stream = container.streams.video[0]
+            size = choose_size(stream.codec_context.height, stream.codec_context.width, config.buckets)
+            lengths = sorted(b[0] for b in config.buckets if (b[1], b[2]) == size)
+            source_fps = float(stream.average_rate or 0.0)
+            frames, last_time = [], None
+            previous = None
+            for frame in container.decode(stream):
+                t = float(frame.time if frame.time is not None else len(frames) / max(source_fps, 1e-6))
+                # Target k (time k/fps) shows the last frame at or before it: emit `previous` for targets before t.
+                while previous is not None and len(frames) < lengths[-1] and len(frames) / config.fps < t - 1e-6:
+                    frames.append(previous)
+                if len(frames) >= lengths[-1]:
+                    break
+                previous, last_time = resize_crop(frame, *size), t
+            if previous is not None and len(frames) < lengths[-1]:
+                # The last frame stays on screen for one source frame period.
+                end = last_time + (1.0 / source_fps if source_fps > 0 else 0.0)
+                while len(frames) < lengths[-1] and len(frames) / config.fps < end - 1e-6:
+                    frames.append(previous)
+    except SkipVideo:
+        raise
+    except Exception as e:  # any decoder failure (corrupt data, unknown format) skips the video
+        raise SkipVideo(f"unreadable video ({type(e).__name__}: {str(e)[:200]})") from None
+    if not frames:
+        raise SkipVideo("no decodable frames")
+    fitting = [n for n in lengths if n <= len(frames)]
+    if not fitting:
+        raise SkipVideo(f"too short: {len(frames)} frames at {config.fps:g} fps, the shortest {size[0]}x{size[1]} "
+                        f"bucket needs {lengths[0]}")
+    video = np.stack(frames[:fitting[-1]]).astype(np.float32) / 127.5 - 1.0
+    return video, source_fps
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+class ShardWriter:
+    """Appends records to shards `clips-NNNNN.array_record` in `out`, committing each closed shard to the manifest
+    (written to a temporary file, then renamed over the old one)."""
+
+    def __init__(self, out: str, records_per_shard: int, manifest: dict):
+        self.out, self.records_per_shard, self.manifest = out, records_per_shard, manifest
+        self.writer, self.entry = None, None
+
+    def add(self, clip: TokenizedClip):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self.writer is None:
+            name = f"clips-{len(self.manifest['shards']):05d}.array_record"
+            # group_size:1 keeps every record its own chunk, so random access reads one record, not a group.
+            self.writer = ArrayRecordWriter(os.path.join(self.out, name), "group_size:1")
+            self.entry = {"path": name, "records": 0, "latent_shapes": [], "source_ids": []}
+        self.writer.write(serialize(clip))
+        self.entry["records"] += 1
+        self.entry["latent_shapes"].append(list(clip.latent_shape))
+        self.entry["source_ids"].append(clip.source_id)
+        if self.entry["records"] >= self.records_per_shard:
+            self.close()
+
+    def close(self):
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.manifest["shards"].append(self.entry)
+        self.writer, self.entry = None, None
+        write_json(os.path.join(self.out, MANIFEST), self.manifest)
+
+
+def write_json(path: str, value):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------ encoding
+class ClipEncoder:
+    """The VAE and the text encoders of a config, jitted; `encode(videos, captions)` for one bucket's batch."""
+
+    def __init__(self, config):
+        import jax
+
+        from hyvideo_jax.models.vae import HunyuanVideoVAE, VAEConfig, init_params
+        from hyvideo_jax.models.vae_tiling import encode_video
+        from hyvideo_jax.text import TextEncoders
+
+        prep = PrepareConfig.from_config(config.data.prepare)
+        self.data = DataConfig.from_config(config.data)
+        self.batch = prep.vae_batch_size
+        vae_config = VAEConfig.from_config(config.vae.model)
+        if prep.vae_checkpoint:
+            from hyvideo_jax.convert.flax_io import load_flax_model
+            saved, params = load_flax_model(prep.vae_checkpoint, kind="vae")
+            vae_config = VAEConfig.from_config(saved)
+        else:
+            # jitted: tracing the VAE's init once compiled is faster than running it op by op
+            params = jax.jit(lambda key: init_params(vae_config, key))(jax.random.PRNGKey(prep.vae_seed))
+        self.vae_config, self.vae_params = vae_config, params
+        model = HunyuanVideoVAE(vae_config)
+        self._encode_video = jax.jit(lambda p, v: encode_video(model, p, v))
+        self.text = TextEncoders.from_config(config.text)
+
+    def encode(self, videos: list[np.ndarray], captions: list[str]):
+        """(latents [n, t, h, w, C], text_states [n, L, D], text_mask [n, L], pooled [n, Dp]) as numpy; the batch
+        is padded to `vae_batch_size` so that each bucket compiles once."""
+        n = len(videos)
+        pad = self.batch - n
+        video = np.stack(videos + [np.zeros_like(videos[0])] * pad)
+        latents = np.asarray(self._encode_video(self.vae_params, video))[:n]
+        states, mask, pooled = (np.asarray(a)[:n] for a in self.text.encode_prompts(captions + [""] * pad))
+        return latents, states, mask, pooled
+
+
+def prepare_videos(videos: str, captions: str, out: str, config, progress: bool = True,
+                   encoder: "ClipEncoder | None" = None) -> dict:
+    """Run the preparation (module docstring); returns the summary that is also written to `out/summary.json`.
+
+    `encoder` (a ClipEncoder of the same config) saves building and compiling the encoders again."""
+    from tqdm import tqdm
+
+    prep = PrepareConfig.from_config(config.data.prepare)
+    data = DataConfig.from_config(config.data)
+    os.makedirs(out, exist_ok=True)
+    manifest = read_manifest(out)
+    manifest.setdefault("schema_version", SCHEMA_VERSION)
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise ValueError(f"{out} holds records of schema version {manifest['schema_version']}, this code writes "
+                         f"version {SCHEMA_VERSION}: prepare into a new folder")
+    manifest.setdefault("buckets", [list(b) for b in prep.buckets])
+    done = {sid for shard in manifest["shards"] for sid in shard["source_ids"]}
+    names = sorted(f for f in os.listdir(videos) if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith("."))
+    caption_of = read_captions(captions)
+    pending = [n for n in names if n not in done]
+    skipped, written, started = [], 0, time.time()
+    encoder = encoder or (ClipEncoder(config) if pending else None)
+    writer = ShardWriter(out, prep.records_per_shard, manifest)
+    groups: dict[tuple[int, ...], list] = {}
+    rs, rt = (encoder.vae_config.spatial_compression_ratio, encoder.vae_config.temporal_compression_ratio) \
+        if encoder else (8, 4)
+
+    def flush(shape):
+        nonlocal written
+        group = groups.pop(shape)
+        latents, states, mask, pooled = encoder.encode([g[1] for g in group], [g[2] for g in group])
+        for (name, video, caption, fps), lat, st, mk, po in zip(group, latents, states, mask, pooled):
+            writer.add(TokenizedClip(
+                latents=lat.astype(numpy_dtype(data.latent_dtype)), text_states=st.astype(numpy_dtype(data.text_dtype)),
+                text_mask=mk.astype(np.int32), pooled_text=po.astype(numpy_dtype(data.text_dtype)), caption=caption,
+                source_id=name, num_frames=video.shape[0], fps=prep.fps, height=video.shape[1], width=video.shape[2],
+                temporal_compression=rt, spatial_compression=rs))
+            written += 1
+
+    for name in tqdm(pending, desc="prepare", unit="video", disable=not progress):
+        try:
+            if name not in caption_of:
+                raise SkipVideo(f"no caption in {os.path.basename(captions)}")
+            video, source_fps = decode_clip(os.path.join(videos, name), prep)
+        except SkipVideo as e:
+            skipped.append({"video": name, "reason": str(e)})
+            continue
+        groups.setdefault(video.shape, []).append((name, video, caption_of[name], source_fps))
+        if len(groups[video.shape]) == prep.vae_batch_size:
+            flush(video.shape)
+    for shape in sorted(groups):
+        flush(shape)
+    writer.close()
+    summary = {"videos": len(names), "already_prepared": len(names) - len(pending), "written": written,
+               "skipped": skipped, "records_total": sum(s["records"] for s in manifest["shards"]),
+               "shards_total": len(manifest["shards"]), "seconds": round(time.time() - started, 2)}
+    write_json(os.path.join(out, SUMMARY), summary)
+    return summary
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    f = flags.FLAGS
+    summary = prepare_videos(f.videos, f.captions, f.out, f.config)
+    print(f"{summary['written']} clips written, {summary['already_prepared']} already prepared, "
+          f"{len(summary['skipped'])} skipped (reasons in {os.path.join(f.out, SUMMARY)}); "
+          f"{summary['records_total']} records in {summary['shards_total']} shards")
+    for entry in summary["skipped"]:
+        print(f"  skipped {entry['video']}: {entry['reason']}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("videos", None, "folder of videos", required=True)
+    flags.DEFINE_string("captions", None, "captions: JSON lines {video, caption} or 'name<TAB>caption'",
+                        required=True)
+    flags.DEFINE_string("out", None, "output folder (shards, manifest.json, summary.json)", required=True)
+    config_flags.DEFINE_config_file("config", "configs/demo.py", "config with data, vae and text sections")
+    app.run(main)
