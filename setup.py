@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "tqdm==4.70.1",
     "av==18.1.0",                 # PyAV: video decode (data.prepare) and mp4 encode (data.synthetic)
+    "importlib_resources==7.1.0",  # tensorflow_datasets imports it when building or reading a dataset
 ]
 
 EXTRAS_REQUIRE = {

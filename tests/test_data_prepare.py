@@ -1,5 +1,5 @@
-"""Synthetic videos → prepare → records: frame sampling, bad videos skipped with reasons, resuming adds nothing twice,
-and the pipeline reads back every prepared clip."""
+"""Synthetic videos → prepare → records: frame sampling, bad videos skipped with reasons, resuming adds nothing
+twice, and the pipeline reads back every prepared clip."""
 
 import json
 import os

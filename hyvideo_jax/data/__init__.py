@@ -7,3 +7,7 @@
 from hyvideo_jax.data.pipeline import (BATCH_KEYS, ArrayRecordClipSource, DataConfig, RandomClipSource,
                                        TfdsClipSource, make_dataset, make_train_pipeline, steps_per_epoch)
 from hyvideo_jax.data.schema import SCHEMA_VERSION, ClipSpec, RecordError, TokenizedClip, deserialize, serialize
+
+__all__ = ["BATCH_KEYS", "ArrayRecordClipSource", "DataConfig", "RandomClipSource", "TfdsClipSource", "make_dataset",
+           "make_train_pipeline", "steps_per_epoch", "SCHEMA_VERSION", "ClipSpec", "RecordError", "TokenizedClip",
+           "deserialize", "serialize"]

@@ -253,6 +253,25 @@ class TfdsClipSource:
         return clip_from_features(self.source[index], self.where(index))
 
 
+def tfds_features(spec: ClipSpec, latent_dtype: str = "bfloat16", text_dtype: str = "float32"):
+    """The `tfds.features.FeaturesDict` of a TFDS dataset of tokenized clips that `TfdsClipSource` reads.
+
+    Latents have a free [T, H, W] (buckets), so they are stored as raw bytes; the text shapes are fixed by `spec`.
+    A builder's examples are `dict(latents=..., ..., schema_version=SCHEMA_VERSION)` with the TokenizedClip fields.
+    """
+    import tensorflow_datasets as tfds
+
+    tensor = tfds.features.Tensor
+    return tfds.features.FeaturesDict({
+        "latents": tensor(shape=(None, None, None, spec.latent_channels), dtype=numpy_dtype(latent_dtype),
+                          encoding="bytes"),
+        "text_states": tensor(shape=(spec.text_len, spec.text_dim), dtype=numpy_dtype(text_dtype)),
+        "text_mask": tensor(shape=(spec.text_len,), dtype=np.int32),
+        "pooled_text": tensor(shape=(spec.pooled_dim,), dtype=numpy_dtype(text_dtype)),
+        "caption": tfds.features.Text(), "source_id": tfds.features.Text(), "num_frames": np.int32,
+        "fps": np.float32, "height": np.int32, "width": np.int32, "schema_version": np.int32})
+
+
 def clip_from_features(features: Mapping[str, Any], where: str) -> TokenizedClip:
     """A validated TokenizedClip from a dict of features (TFDS decoding gives numpy arrays and bytes)."""
     from hyvideo_jax.data.schema import SCHEMA_VERSION
