@@ -57,6 +57,21 @@ def test_tiled_decode_and_encode_match_diffusers_tiled(reference):
     assert max(errors) <= 1e-4
 
 
+def test_frame_with_one_side_within_a_tile_matches_diffusers(reference):
+    """32×48 px: the height fits one 32 px tile, the width needs two; both axes still step by the stride."""
+    vae, model, params = reference
+    enable_same_tiling(vae)
+    torch.manual_seed(2)
+    video = torch.rand(1, 3, 1, 32, 48) * 2 - 1
+    latents = torch.randn(1, 4, 1, 4, 6)
+    with torch.no_grad():
+        ref_moments, ref_decoded = vae._encode(video).numpy(), vae._decode(latents).sample.numpy()
+    moments = vae_tiling.tiled_encode_moments(model, params, channels_last(video), TILES)
+    decoded = vae_tiling.tiled_decode_unscaled(model, params, channels_last(latents), TILES)
+    assert moments.shape == (1, 1, 4, 6, 8) and decoded.shape == (1, 1, 32, 48, 3)
+    assert max(relative_error(moments, ref_moments), relative_error(decoded, ref_decoded)) <= 1e-4
+
+
 def test_blend_matches_diffusers_blend(reference):
     vae, _, _ = reference
     rng = np.random.default_rng(0)

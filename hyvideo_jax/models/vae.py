@@ -200,6 +200,9 @@ def check_latent_shape(shape: tuple[int, ...], config: VAEConfig):
         raise ValueError(f"latents need at least one frame and pixel, got shape {tuple(shape)}")
 
 
+VIDEO_AXES = ("batch", "frames", "height", "width", "act_vae_channels")  # logical names of [B, T, H, W, C]
+
+
 class CausalConv3d(nn.Module):
     """Conv3d on [B, T, H, W, C] after replicate padding (k//2 each side in space, k-1 frames in front in time).
 
@@ -223,7 +226,9 @@ class CausalConv3d(nn.Module):
                           self.param_dtype)
         y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, "VALID",
                                          dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-        return y + bias.astype(self.dtype)
+        # Under a mesh, activations shard over batch and image rows (the rules table maps 'height'); XLA adds the
+        # halo exchange the 3×3×3 convolutions need.
+        return nn.with_logical_constraint(y + bias.astype(self.dtype), VIDEO_AXES)
 
 
 class GroupNorm(nn.Module):

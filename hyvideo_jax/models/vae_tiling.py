@@ -65,8 +65,9 @@ def run_tiles(fn: Callable, inputs: Sequence[jax.Array]) -> list[jax.Array]:
 
 
 def _starts(length: int, tile: int, stride: int, enabled: bool) -> list[tuple[int, int]]:
-    """(start, stop) of the tiles along one axis; one tile covering everything when tiling is off or not needed."""
-    if not enabled or length <= tile:
+    """(start, stop) of the tiles along one axis: every `stride` once tiling is on (as the references do, also for
+    an axis shorter than a tile, since each tile is cropped to the stride), else one tile covering everything."""
+    if not enabled:
         return [(0, length)]
     return [(s, min(s + tile, length)) for s in range(0, length, stride)]
 

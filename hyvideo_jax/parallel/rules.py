@@ -25,4 +25,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),
     ("act_kv", None),
+    ("frames", None),          # VAE activations [B, T, H, W, C]: shard rows of the image over 'sequence'
+    ("height", "sequence"),
+    ("width", None),
+    ("act_vae_channels", None),
 )
