@@ -1,7 +1,6 @@
 """Sharded DiT on 8 simulated CPU devices equals the single-device result; parameters really are sharded;
 Ulysses and ring sequence parallelism match unsharded attention."""
 
-import dataclasses
 
 import flax.linen as nn
 import jax

@@ -69,8 +69,5 @@ def create_mesh(config: "MeshConfig | Mapping[str, Any]", devices: Sequence[Any]
             grid = grid.transpose([i for pair in zip(range(n), range(n, 2 * n)) for i in pair])
             grid = grid.reshape([d * i for d, i in zip(dcn, ici)])
     else:
-        try:
-            grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
-        except (NotImplementedError, ValueError):  # topologies mesh_utils has no layout for: plain order
-            grid = np.asarray(devices).reshape(ici)
+        grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES)
