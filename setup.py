@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
+    # Converting PyTorch checkpoints (.pt files, bf16 safetensors) needs torch.
+    "torch": ["torch==2.13.0"],
     # Ground truth for the parity tests comes from the PyTorch references.
     "test": [
         "torch==2.13.0",
@@ -33,6 +35,8 @@ EXTRAS_REQUIRE = {
         "transformers==5.24.0",
         "safetensors==0.8.0",
         "pytest==9.2.0",
+        # libtpu describes TPU topologies, so the AOT tests compile for TPU pods on a machine without TPUs.
+        f"jax[tpu]=={JAX_VERSION}",
     ],
     "tpu": [f"jax[tpu]=={JAX_VERSION}"],
 }
