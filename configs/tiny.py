@@ -90,4 +90,16 @@ def get_config():
         synthetic=ml_collections.ConfigDict(dict(
             num_videos=8, sizes=((32, 32), (16, 32)), frames=(6, 9), fps=8.0, seed=0)),
     ))
+    # Device mesh (data, fsdp, sequence, tensor): all devices on fsdp; tests override it.
+    config.mesh = ml_collections.ConfigDict(dict(ici=(1, -1, 1, 1), dcn=(1, 1, 1, 1)))
+    # Flow matching (hyvideo_jax/flow.py): the released convention, logit-normal σ, guidance input 1.0 (×1000).
+    config.flow = ml_collections.ConfigDict(dict(
+        sigma_density="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, shift=1.0,
+        shift_base_tokens=0, loss_weighting="none", guidance=1.0, guidance_range=(), sampling_steps=50,
+        sampling_shift=7.0))
+    config.train = ml_collections.ConfigDict(dict(
+        objective="flow", num_steps=20, learning_rate=1e-3, lr_schedule="constant", warmup_steps=0,
+        final_lr_fraction=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,
+        grad_accum_steps=1, ema_decay=0.0, log_every_steps=1, checkpoint_every_steps=10, keep_checkpoints=3,
+        async_checkpointing=True, profile_steps=0, peak_flops_per_device=0.0, initialize_distributed=False))
     return config

@@ -180,8 +180,8 @@ def flow_matching_objective(model, config: FlowConfig) -> Callable:
         guidance = None
         if cfg.guidance_embed:
             guidance = jax.vmap(lambda k: guidance_input(k, 1, config)[0])(keys[:, 2])
-        prediction = model.apply({"params": params}, noised(x, noise, sigma), 1000.0 * sigma, batch["text_states"],
-                                 batch["text_mask"], batch["pooled_text"], guidance)
+        prediction = model.apply({"params": params}, noised(x, noise, sigma), 1000.0 * sigma,
+                                 batch["text_states"], batch["text_mask"], batch["pooled_text"], guidance)
         error = jnp.square(prediction.astype(jnp.float32) - velocity_target(x, noise))
         mse = jnp.mean(error.reshape(b, -1), axis=-1)
         valid = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones((b,), jnp.float32)

@@ -121,9 +121,9 @@ def test_objective_matches_manual_loss_and_ignores_padding():
     sigma = jax.vmap(lambda k: flow.sample_sigma(k, (), config))(keys[:, 0])
     eps = jax.vmap(lambda k: jax.random.normal(k, (2, 4, 4, 4)))(keys[:, 1])
     x = jnp.asarray(batch["latents"])
-    v = jax.jit(model.apply)({"params": params}, (1 - sigma[:, None, None, None, None]) * x + sigma[:, None, None, None, None]
-                    * eps, 1000 * sigma, batch["text_states"], batch["text_mask"], batch["pooled_text"],
-                    jnp.full(3, 6016.0))
+    s = sigma[:, None, None, None, None]
+    v = jax.jit(model.apply)({"params": params}, (1 - s) * x + s * eps, 1000 * sigma, batch["text_states"],
+                             batch["text_mask"], batch["pooled_text"], jnp.full(3, 6016.0))
     mse = np.mean(np.square(np.asarray(v) - np.asarray(eps - x)).reshape(3, -1), axis=1)
     weight = 2 / (np.pi * (1 - 2 * np.asarray(sigma) + 2 * np.asarray(sigma) ** 2))
     np.testing.assert_allclose(loss_sum, np.sum(weight * mse), rtol=1e-5)

@@ -1,0 +1,552 @@
+"""Training: a sharded `TrainState`, a pure `train_step(state, batch, rng)`, and the loop `train_and_evaluate`.
+
+    python -m hyvideo_jax.train --config=configs/tiny.py --workdir=/tmp/run --config.train.num_steps=100
+
+The objective is chosen by `config.train.objective` (the registry `OBJECTIVES`): "flow" trains the DiT by flow
+matching on batches of tokenized clips (hyvideo_jax.flow), "vae" trains the VAE on batches of videos with its
+L1 + KL objective (hyvideo_jax.vae_objective). An objective returns a sum over the samples of a micro-batch and the
+number of samples it counts, so gradient accumulation over k micro-batches gives exactly the gradient of the mean
+over the whole batch, with padding slots (`valid` False) left out.
+
+One step (`make_train_step`): per-sample PRNG keys from fold_in(seed key, step), the batch split into
+`grad_accum_steps` micro-batches (strided, so each stays sharded over the batch axes) and scanned, gradients
+divided by the valid count, global-norm clipping and AdamW (warmup + constant or cosine learning rate, weight decay
+on kernels only), EMA of the parameters. A step whose loss or gradient norm is not finite leaves params, optimizer
+state and EMA untouched and increments `skipped`; `step` always advances, since the batch was consumed.
+
+The loop: the state is created directly sharded on the mesh (jit with out_shardings; no device holds the whole
+model) or restored from the latest Orbax checkpoint in WORKDIR/checkpoints, on whatever mesh the config now
+describes. A checkpoint holds the train state and the data iterator's state (JSON) as one composite item, written
+asynchronously and committed by an atomic rename, so a run killed while writing restores the previous one.
+On SIGTERM (one process) or at a preemption sync point (multi-process), the loop saves and returns. Metrics go to
+TensorBoard, the log and WORKDIR/metrics.jsonl (process 0 only): loss, grad norm, learning rate, skipped steps,
+step time, image tokens/s and model-FLOPs utilization from the compiled step's cost analysis.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from hyvideo_jax import flow
+from hyvideo_jax.config_fields import from_fields
+from hyvideo_jax.data import pipeline
+from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT
+from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
+from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
+
+LR_SCHEDULES = ("constant", "cosine")
+METRICS_FILE = "metrics.jsonl"
+# Dense bf16 peak FLOP/s per device (public figures), matched against `device.device_kind` by substring, first
+# match wins. Devices not listed (CPUs) get no MFU unless train.peak_flops_per_device is set.
+PEAK_FLOPS = (("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
+              ("TPU v4", 275e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The `config.train` section.
+
+    Learning rate: linear warmup from 0 over `warmup_steps`, then constant or cosine decay to
+    `learning_rate · final_lr_fraction` at `num_steps`. `grad_clip_norm` 0 disables clipping, `ema_decay` 0 keeps
+    no EMA parameters, `profile_steps` 0 runs no profiler. `checkpoint_every_steps` also bounds the work lost to a
+    crash; the last step is always saved.
+    """
+    objective: str = "flow"
+    num_steps: int = 1000
+    learning_rate: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.0
+    log_every_steps: int = 50
+    checkpoint_every_steps: int = 1000
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    profile_steps: int = 0
+    peak_flops_per_device: float = 0.0
+    initialize_distributed: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the first inconsistent field."""
+        def fail(field, msg):
+            raise ValueError(f"train.{field}: {msg}")
+        if self.objective not in OBJECTIVES:
+            fail("objective", f"must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            fail("lr_schedule", f"must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        for f in ("num_steps", "grad_accum_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+            if int(getattr(self, f)) < 1:
+                fail(f, f"must be >= 1, got {getattr(self, f)}")
+        for f in ("warmup_steps", "profile_steps", "learning_rate", "weight_decay", "grad_clip_norm",
+                  "peak_flops_per_device", "adam_eps"):
+            if getattr(self, f) < 0:
+                fail(f, f"must be >= 0, got {getattr(self, f)}")
+        for f in ("adam_b1", "adam_b2", "ema_decay", "final_lr_fraction"):
+            if not 0.0 <= getattr(self, f) < 1.0 + (f == "final_lr_fraction"):
+                fail(f, f"must be in [0, 1{']' if f == 'final_lr_fraction' else ')'}, got {getattr(self, f)}")
+
+    @classmethod
+    def from_config(cls, config: "TrainConfig | Mapping[str, Any]") -> "TrainConfig":
+        return from_fields(cls, config, "train")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. `step` counts consumed batches (applied or skipped), `skipped` the steps whose
+    update was dropped as non-finite; `ema_params` is None without EMA."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    skipped: jax.Array
+
+
+# ------------------------------------------------------------------------------------------------------ objectives
+class Task(NamedTuple):
+    """A model and its objective. `objective(params, batch, rngs [B]) -> (loss_sum, sums incl. "count")`;
+    `example_inputs(mesh)` initialize the model (under that mesh); `batch_keys` are read from the pipeline's
+    batches; `tokens(shapes)` counts the tokens of a batch for throughput."""
+    model: nn.Module
+    objective: Callable
+    example_inputs: Callable[[Any], tuple]
+    batch_keys: tuple[str, ...]
+    tokens: Callable[[Mapping[str, tuple]], int]
+
+
+def flow_task(config) -> Task:
+    cfg = DiTConfig.from_config(config.model)
+    model = HunyuanVideoDiT(cfg)
+    data = pipeline.DataConfig.from_config(config.data)
+    if data.latent_channels != cfg.in_channels:
+        raise ValueError(f"data.latent_channels {data.latent_channels} differs from model.in_channels "
+                         f"{cfg.in_channels}")
+
+    def example(mesh):
+        # As many image tokens as the 'sequence' axis has devices: sequence-parallel attention splits them.
+        width = cfg.patch_size * dict(mesh.shape).get("sequence", 1)
+        return (jnp.zeros((1, cfg.patch_size_t, cfg.patch_size, width, cfg.in_channels)), jnp.ones((1,)),
+                jnp.zeros((1, data.text_len, cfg.text_states_dim)), jnp.ones((1, data.text_len), jnp.int32),
+                jnp.zeros((1, cfg.pooled_text_dim)), jnp.ones((1,)) if cfg.guidance_embed else None)
+
+    def tokens(shapes):
+        b, *latent = shapes["latents"]
+        return b * flow.image_tokens(latent, cfg.patch_size, cfg.patch_size_t)
+    return Task(model, flow.flow_matching_objective(model, flow.FlowConfig.from_config(config.flow)), example,
+                ("latents", "text_states", "text_mask", "pooled_text", "valid"), tokens)
+
+
+def vae_task(config) -> Task:
+    from hyvideo_jax.models.vae import HunyuanVideoVAE, VAEConfig
+    from hyvideo_jax.vae_objective import VAELossConfig, vae_loss
+
+    cfg = VAEConfig.from_config(config.vae.model)
+    model, loss_config = HunyuanVideoVAE(cfg), VAELossConfig.from_config(config.vae.loss)
+    size = cfg.spatial_compression_ratio
+
+    def objective(params, batch, rngs):
+        # vae_loss averages over its batch; scaled back to a sum so micro-batches add up to the batch mean.
+        count = batch["video"].shape[0]
+        loss, metrics = vae_loss(model, loss_config, params, batch, rngs[0])
+        return loss * count, {k: v * count for k, v in dict(metrics, count=1.0).items()}
+
+    def tokens(shapes):
+        b, t, h, w, _ = shapes["video"]
+        return b * t * h * w   # pixels
+    return Task(model, objective, lambda mesh: (jnp.zeros((1, 1, size, size, cfg.in_channels)),), ("video",), tokens)
+
+
+OBJECTIVES: dict[str, Callable[[Any], Task]] = {"flow": flow_task, "vae": vae_task}
+
+
+# ------------------------------------------------------------------------------------------------ state and step
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate`, then constant or cosine decay (see TrainConfig)."""
+    lr, warmup = config.learning_rate, config.warmup_steps
+    if config.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(config.num_steps, warmup + 1),
+                                                  end_value=lr * config.final_lr_fraction)
+    if warmup == 0:
+        return optax.constant_schedule(lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping + AdamW; weight decay applies to kernels (rank >= 2), not to biases or norm scales."""
+    adamw = optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                        weight_decay=config.weight_decay,
+                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    if config.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+    return adamw
+
+
+def _init_boxed(task: Task, tx, config: TrainConfig, mesh, rng) -> TrainState:
+    params = task.model.init(rng, *task.example_inputs(mesh))["params"]   # nn.Partitioned leaves (logical axes)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if config.ema_decay > 0 else None, skipped=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(task: Task, tx, config: TrainConfig, mesh, rules=LOGICAL_AXIS_RULES):
+    """(abstract TrainState with shardings, tree of NamedShardings): optimizer moments and EMA inherit the logical
+    axes of their parameters (optax maps over the boxed leaves); counters are replicated."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(lambda r: _init_boxed(task, tx, config, mesh, r), jax.random.PRNGKey(0))
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
+                            shardings)
+    return abstract, shardings
+
+
+def create_train_state(task: Task, tx, config: TrainConfig, mesh, rng, rules=LOGICAL_AXIS_RULES) -> TrainState:
+    """A fresh TrainState initialized on the mesh: each device computes only its shards (jit out_shardings)."""
+    _, shardings = state_shardings(task, tx, config, mesh, rules)
+
+    def init(r):
+        with nn.logical_axis_rules(rules):
+            return nn.unbox(_init_boxed(task, tx, config, mesh, r))
+    with jax.set_mesh(mesh):
+        return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def make_train_step(task: Task, tx, config: TrainConfig) -> Callable:
+    """The pure `train_step(state, batch, rng) -> (state, metrics)`; `rng` is the run's key, folded with the step.
+
+    batch: dict of [B, ...] arrays (task.batch_keys); B must divide by grad_accum_steps. Micro-batch j takes rows
+    j, j + k, j + 2k, ... so that a batch sharded over devices gives micro-batches sharded the same way.
+    """
+    k = config.grad_accum_steps
+    schedule = learning_rate_schedule(config)
+
+    def train_step(state: TrainState, batch, rng):
+        b = next(iter(batch.values())).shape[0]
+        rngs = jax.random.split(jax.random.fold_in(rng, state.step), b)
+        grad_fn = jax.value_and_grad(task.objective, has_aux=True)
+
+        def micro_batch(carry, inputs):
+            (_, sums), grads = grad_fn(state.params, *inputs)
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+        if k == 1:
+            (_, sums), grads = grad_fn(state.params, batch, rngs)
+        else:
+            split = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1), (batch, rngs))
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                 jax.eval_shape(lambda: grad_fn(state.params, *jax.tree.map(lambda x: x[0], split))))
+            (grads, sums), _ = jax.lax.scan(micro_batch, (zeros[1], zeros[0][1]), split)
+        count = jnp.maximum(sums.pop("count"), 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        metrics = {name: value / count for name, value in sums.items()}
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1.0 - config.ema_decay) * p, ema, params)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        skipped = state.skipped + (~finite).astype(jnp.int32)
+        new_state = state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
+                                  opt_state=keep_if_finite(opt_state, state.opt_state),
+                                  ema_params=keep_if_finite(ema, state.ema_params), skipped=skipped)
+        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step - state.skipped),
+                       skipped_steps=skipped, valid_samples=count)
+        return new_state, metrics
+    return train_step
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Batches are split over the batch axes ('data', 'fsdp') on their leading axis, replicated otherwise."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), LOGICAL_AXIS_RULES))
+
+
+class CompiledStep:
+    """`train_step` compiled ahead of time per batch shape (buckets give several), with explicit shardings and the
+    state donated; keeps each program's FLOPs (XLA cost analysis of the per-device program) and compile time."""
+
+    def __init__(self, train_step: Callable, mesh, shardings, rules=LOGICAL_AXIS_RULES):
+        self.mesh, self.rules = mesh, rules
+        self.batch_sharding = batch_sharding(mesh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.jitted = jax.jit(train_step, in_shardings=(shardings, self.batch_sharding, replicated),
+                              out_shardings=(shardings, replicated), donate_argnums=0)
+        self.programs: dict[tuple, Any] = {}
+        self.flops: dict[tuple, float] = {}
+        self.compile_seconds = 0.0
+
+    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows → one global array per key, sharded over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()}
+
+    def __call__(self, state, batch, rng):
+        key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+        if key not in self.programs:
+            start = time.perf_counter()
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+                compiled = self.jitted.lower(state, batch, rng).compile()
+            self.compile_seconds += time.perf_counter() - start
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            self.programs[key], self.flops[key] = compiled, float((cost or {}).get("flops", 0.0))
+        return self.programs[key](state, batch, rng), self.flops[key]
+
+
+def peak_flops_per_device(config: TrainConfig) -> float:
+    """The configured peak, else the table's entry for this device kind, else 0 (no MFU)."""
+    if config.peak_flops_per_device:
+        return config.peak_flops_per_device
+    kind = jax.devices()[0].device_kind
+    return next((peak for name, peak in PEAK_FLOPS if name in kind), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------- loop
+class JsonlWriter(metric_writers.MetricWriter):
+    """Scalars as JSON lines {"step": s, name: value, ...} appended to a file: readable without TensorBoard (a
+    notebook, a test). A resumed run appends again from its checkpoint, so the last line of a step wins."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def write_scalars(self, step, scalars):
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def read_metrics(workdir: str) -> dict[int, dict[str, float]]:
+    """{step: scalars} from WORKDIR/metrics.jsonl; for a step logged twice (before a crash and after the resume)
+    the later line wins."""
+    rows = {}
+    path = os.path.join(workdir, METRICS_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                rows[row.pop("step")] = row
+    return rows
+
+
+def checkpoint_manager(workdir: str, config: TrainConfig) -> ocp.CheckpointManager:
+    """Orbax manager of WORKDIR/checkpoints with items "state" (the TrainState) and "data" (iterator state, JSON)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=config.async_checkpointing,
+                                           cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+                                 item_names=("state", "data"))
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
+    """(TrainState placed by `abstract_state`'s shardings, data iterator state) of `step` (default: the latest)."""
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                             data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+
+def validate_config(config) -> dict[str, Any]:
+    """Every section the run reads, as validated frozen dataclasses; the first bad field raises ValueError."""
+    train = TrainConfig.from_config(config.train)
+    sections = dict(train=train, mesh=MeshConfig.from_config(config.mesh),
+                    data=pipeline.DataConfig.from_config(config.data))
+    if train.objective != "flow":
+        raise ValueError(f"train.objective: the loop reads tokenized clips from config.data, which suit only 'flow'; "
+                         f"train {train.objective!r} with make_train_step on its own batches")
+    sections.update(model=DiTConfig.from_config(config.model), flow=flow.FlowConfig.from_config(config.flow))
+    batch = sections["data"].global_batch_size
+    if batch % train.grad_accum_steps:
+        raise ValueError(f"train.grad_accum_steps: {train.grad_accum_steps} does not divide "
+                         f"data.global_batch_size {batch}")
+    ici, dcn = sections["mesh"].resolve(jax.device_count())
+    batch_devices = ici[0] * ici[1] * dcn[0] * dcn[1]
+    if batch % batch_devices:
+        raise ValueError(f"data.global_batch_size: {batch} does not divide over the {batch_devices} devices of the "
+                         f"mesh's batch axes (data × fsdp, mesh.ici {ici}, mesh.dcn {dcn})")
+    return sections
+
+
+class _StopSignal:
+    """Set by SIGTERM (one process; the previous handler is restored on exit). With several processes, JAX's
+    preemption service catches the signal and `reached_preemption_sync_point` makes all agree on one step."""
+
+    def __init__(self):
+        self.event, self.previous = threading.Event(), None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:   # no preemption service (jax.distributed without a coordinator-side manager)
+                return False
+        return self.event.is_set()
+
+
+def _mean_metrics(history: list[dict]) -> dict[str, float]:
+    host = jax.device_get(history)
+    means = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
+    means["skipped_steps"] = float(host[-1]["skipped_steps"])   # a running count, not a rate
+    return means
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+    """Train per `config` in `workdir`, resuming from its latest checkpoint; returns the final TrainState."""
+    sections = validate_config(config)
+    train_config: TrainConfig = sections["train"]
+    mesh = create_mesh(sections["mesh"])
+    task = OBJECTIVES[train_config.objective](config)
+    tx = make_optimizer(train_config)
+    abstract_state, shardings = state_shardings(task, tx, train_config, mesh)
+    step_fn = CompiledStep(make_train_step(task, tx, train_config), mesh, shardings)
+    iterator = pipeline.make_train_pipeline(config.data, seed=config.seed)
+    init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))   # rng: folded with the step in train_step
+
+    manager = checkpoint_manager(workdir, train_config)
+    if manager.latest_step() is not None:
+        state, data_state = restore_checkpoint(manager, abstract_state)
+        iterator.set_state(data_state)
+        logging.info("Resumed from step %d (mesh %s)", int(state.step), dict(mesh.shape))
+    else:
+        state = create_train_state(task, tx, train_config, mesh, init_rng)
+    start = int(state.step)
+
+    is_main = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    if is_main:
+        writer = metric_writers.MultiWriter([writer, JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+    if start == 0:
+        writer.write_hparams({k: v for k, v in flatten(config.to_dict()).items()})
+    hooks = [periodic_actions.ReportProgress(num_train_steps=train_config.num_steps, writer=writer)]
+    if train_config.profile_steps and is_main:
+        hooks.append(periodic_actions.Profile(num_profile_steps=train_config.profile_steps, logdir=workdir))
+    peak = peak_flops_per_device(train_config)
+
+    history, tokens, flops = [], 0, 0.0
+    interval_start, compile_before = time.perf_counter(), 0.0
+    with _StopSignal() as stop:
+        for step in range(start, train_config.num_steps):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                local = next(iterator)
+                batch = step_fn.global_batch({k: local[k] for k in task.batch_keys})
+                (state, metrics), step_flops = step_fn(state, batch, rng)
+            history.append(metrics)
+            tokens += task.tokens({k: v.shape for k, v in batch.items()})
+            flops += step_flops
+            done = step + 1
+            for hook in hooks:
+                hook(done)
+            if done % train_config.log_every_steps == 0 or done == train_config.num_steps:
+                summary = _mean_metrics(history)   # device_get: waits for the steps, so the clock below is true
+                seconds = time.perf_counter() - interval_start - (step_fn.compile_seconds - compile_before)
+                summary.update(step_time=seconds / len(history), tokens_per_second=tokens / seconds,
+                               compile_seconds=step_fn.compile_seconds)
+                if peak:
+                    summary["mfu"] = flops / seconds / peak
+                writer.write_scalars(done, summary)
+                history, tokens, flops = [], 0, 0.0
+                interval_start, compile_before = time.perf_counter(), step_fn.compile_seconds
+            stopping = stop.reached(done)
+            if done % train_config.checkpoint_every_steps == 0 or done == train_config.num_steps or stopping:
+                manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                           data=ocp.args.JsonSave(iterator.get_state())), force=True)
+            if stopping:
+                logging.warning("Stop requested (SIGTERM or preemption): saved step %d, exiting", done)
+                break
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    return state
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a.b": value} of a nested dict; tuples become strings (hyper-parameters must be scalars)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value) if isinstance(value, (tuple, list)) else value
+    return out
+
+
+def main(argv):
+    from absl import app, flags
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    config = flags.FLAGS.config
+    if config.get("train", {}).get("initialize_distributed", False):
+        jax.distributed.initialize()   # before anything touches the devices
+    try:
+        validate_config(config)
+    except ValueError as e:
+        raise SystemExit(f"invalid config: {e}") from None
+    train_and_evaluate(config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and profiles (resumed if it has any).")
+    config_flags.DEFINE_config_file("config", None, "Training configuration (configs/*.py).", lock_config=True)
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
