@@ -27,7 +27,7 @@ def get_config():
         param_dtype="bfloat16",
         dtype="bfloat16",
         remat_policy="dots_no_batch",
-        attention_backend="xla",
+        attention_backend="splash",   # TPU; "cudnn" on GPU, "chunked" on CPU
         sequence_parallel="auto",
     ))
     # Text encoders (reference section 3): folders in transformers layout with their tokenizers, downloaded by the user.

@@ -214,8 +214,9 @@ def _init_boxed(task: Task, tx, config: TrainConfig, mesh, rng) -> TrainState:
 def state_shardings(task: Task, tx, config: TrainConfig, mesh, rules=LOGICAL_AXIS_RULES):
     """(abstract TrainState with shardings, tree of NamedShardings): optimizer moments and EMA inherit the logical
     axes of their parameters (optax maps over the boxed leaves); counters are replicated."""
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # abstract: the mesh may describe devices not attached (AOT)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda r: _init_boxed(task, tx, config, mesh, r), jax.random.PRNGKey(0))
+        boxed = jax.eval_shape(lambda r: _init_boxed(task, tx, config, mesh, r), key)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
                             shardings)
