@@ -10,8 +10,10 @@ sees a scanned block once and nothing inside Pallas kernels) and the step time t
 """
 
 import collections
+import copy
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Callable
@@ -19,6 +21,7 @@ from typing import Callable
 import jax
 from jax.sharding import Mesh
 
+from hyvideo_jax.models.dit import forward_flops as dit_forward_flops
 from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
 
 # Per chip: HBM bytes and dense bf16 peak FLOP/s (public figures).
@@ -79,6 +82,8 @@ def topology_devices(topology: str):
     """Device descriptions of a TPU topology such as 'v5p:2x2x1' or 'v6e:4x4' (needs libtpu, no TPU)."""
     from jax.experimental import topologies
     chip_kind(topology)
+    # Describing chips attaches to none: let several such processes (tests, compiles side by side) share libtpu.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     return topologies.get_topology_desc(topology, platform="tpu").devices
 
 
@@ -115,27 +120,6 @@ def compile_report(fn: Callable, args: tuple, *, topology: str, mesh: Mesh, in_s
         compile_seconds=seconds)
 
 
-def dit_forward_flops(cfg, image_tokens: int, text_tokens: int, batch: int = 1) -> tuple[float, float]:
-    """(matmul FLOPs, attention FLOPs) of one DiT forward, counted from the config (2 FLOPs per multiply-add).
-
-    Attention is 4·N²·D per layer (QKᵀ and PV over the joint sequence); the Pallas kernels that compute it are
-    invisible to XLA's cost analysis, and XLA counts a scanned block once, not once per layer, so the model's
-    FLOPs come from here. For the 13B model at 720×1280×129 (118,800 + 256 tokens) this gives ≈1.62 PF of
-    matmuls and ≈10.45 PF of attention per forward (reference §6).
-    """
-    d, m = cfg.hidden_size, cfg.mlp_dim
-    n = image_tokens + text_tokens
-    double = 4 * d * d + 2 * d * m            # per token and stream: qkv, out-proj, MLP
-    single = (3 * d + m) * d + (d + m) * d    # linear1, linear2
-    refiner = 4 * d * d + 2 * d * int(d * cfg.refiner_mlp_ratio)
-    per_sample = (n * cfg.depth_double * double + n * cfg.depth_single * single
-                  + text_tokens * (cfg.depth_refiner * refiner + cfg.text_states_dim * d)
-                  + image_tokens * (cfg.patch_volume * (cfg.in_channels + cfg.out_channels) * d))
-    matmul = 2.0 * per_sample * batch
-    attention = 4.0 * n * n * d * (cfg.depth_double + cfg.depth_single) * batch
-    return matmul, attention
-
-
 def compile_train_step(config, topology: str, *, frames: int, height: int, width: int,
                        batch: int | None = None) -> tuple[AOTReport, dict[str, float]]:
     """AOT-compile the full flow-matching train step (forward, backward, AdamW update, EMA) of `config` for a TPU
@@ -146,6 +130,9 @@ def compile_train_step(config, topology: str, *, frames: int, height: int, width
     from hyvideo_jax import train
     from hyvideo_jax.models.dit import DiTConfig
 
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.data.source = "random"   # only shapes are compiled: no records are read, wherever they live
     mesh = topology_mesh(topology, config.mesh)
     cfg = DiTConfig.from_config(config.model)
     tcfg = train.TrainConfig.from_config(config.train)

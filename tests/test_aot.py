@@ -3,8 +3,8 @@
 import pytest
 
 from configs import hunyuan_video_13b, tiny
-from hyvideo_jax.aot import chip_kind, compile_train_step, count_collectives, dit_forward_flops
-from hyvideo_jax.models.dit import DiTConfig
+from hyvideo_jax.aot import chip_kind, compile_train_step, count_collectives
+from hyvideo_jax.models.dit import DiTConfig, forward_flops as dit_forward_flops
 
 
 def test_small_train_step_compiles_for_a_4_chip_v5p_with_splash():
