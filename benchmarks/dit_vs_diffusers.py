@@ -1,12 +1,14 @@
 """Our jitted DiT against diffusers' HunyuanVideoTransformer3DModel (eager) on the same CPU, config and inputs.
 
 Prints forward and forward+backward seconds for both and the ratio ours / diffusers (lower is better; the target
-is ≤ 0.67, i.e. ≥ 1.5× faster). Default: a 10.4M-parameter config, 1,344 tokens (1,280 image + 64 text), batch 2.
+is ≤ 0.67, i.e. ≥ 1.5× faster), for our `xla` and `chunked` attention backends (first-call time includes compile).
+Default: an 11.4M-parameter config, 1,344 tokens (1,280 image + 64 text), batch 2.
 
     python -m benchmarks.dit_vs_diffusers [--repeats=5] [--threads=2]
 """
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -66,31 +68,23 @@ def main():
 
     cfg, params = load_torch_dit(model.state_dict(), config=dict(rope_axes_dim=CONFIG["rope_axes_dim"]),
                                  progress=False)
-    ours = HunyuanVideoDiT(cfg)
     params = jax.device_put(params)
     inputs = [jnp.asarray(a) for a in (x.permute(0, 2, 3, 4, 1).numpy(), t.numpy(), text.numpy(), mask.numpy(),
                                        pooled.numpy(), guidance.numpy())]
-    fwd = jax.jit(lambda p, *a: ours.apply({"params": p}, *a))
-    fwd_bwd = jax.jit(jax.value_and_grad(lambda p, *a: jnp.mean(ours.apply({"params": p}, *a) ** 2)))
-
-    t0 = time.perf_counter()
-    jax.block_until_ready(fwd(params, *inputs))
-    compile_fwd = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(fwd_bwd(params, *inputs))
-    compile_bwd = time.perf_counter() - t0
     torch_fwd(), torch_fwd_bwd()  # warm-up
-
-    results = {
-        "forward": (best_of(lambda: jax.block_until_ready(fwd(params, *inputs)), args.repeats),
-                    best_of(torch_fwd, args.repeats)),
-        "forward+backward": (best_of(lambda: jax.block_until_ready(fwd_bwd(params, *inputs)), args.repeats),
-                             best_of(torch_fwd_bwd, args.repeats)),
-    }
-    print(f"first call (compile + run): forward {compile_fwd:.2f} s, forward+backward {compile_bwd:.2f} s")
-    print(f"{'':18s} {'ours (s)':>10s} {'diffusers (s)':>14s} {'ours/diffusers':>15s}")
-    for name, (a, b) in results.items():
-        print(f"{name:18s} {a:10.3f} {b:14.3f} {a / b:15.2f}")
+    theirs = {"forward": best_of(torch_fwd, args.repeats), "forward+backward": best_of(torch_fwd_bwd, args.repeats)}
+    print(f"{'':28s} {'ours (s)':>10s} {'diffusers (s)':>14s} {'ours/diffusers':>15s} {'compile (s)':>12s}")
+    for backend in ("xla", "chunked"):
+        ours = HunyuanVideoDiT(dataclasses.replace(cfg, attention_backend=backend))
+        fwd = jax.jit(lambda p, *a: ours.apply({"params": p}, *a))
+        fwd_bwd = jax.jit(jax.value_and_grad(lambda p, *a: jnp.mean(ours.apply({"params": p}, *a) ** 2)))
+        for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(params, *inputs))
+            first = time.perf_counter() - t0
+            mine = best_of(lambda: jax.block_until_ready(fn(params, *inputs)), args.repeats)
+            label = f"{name} [{backend}]"
+            print(f"{label:28s} {mine:10.3f} {theirs[name]:14.3f} {mine / theirs[name]:15.2f} {first:12.2f}")
 
 
 if __name__ == "__main__":
