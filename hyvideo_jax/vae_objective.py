@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.models.vae import HunyuanVideoVAE
 
 
@@ -38,14 +39,7 @@ class VAELossConfig:
 
     @classmethod
     def from_config(cls, config: "VAELossConfig | Mapping[str, Any]") -> "VAELossConfig":
-        if isinstance(config, cls):
-            return config
-        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown vae.loss field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**values)
+        return from_fields(cls, config, "vae.loss")
 
 
 def kl_divergence(mean, logvar):

@@ -26,9 +26,11 @@ def reference():
     inputs = example_inputs(cfg, t=2, h=8, w=8)  # 32 image tokens: divisible by every sequence-axis size here
     params = jax.tree_util.tree_map(np.asarray, random_init(cfg, inputs))
     model = HunyuanVideoDiT(cfg)
-    loss = lambda p, *a: jnp.mean(model.apply({"params": p}, *a) ** 2)
-    out = jax.jit(model.apply)({"params": params}, *inputs)
-    grads = jax.jit(jax.grad(loss))(params, *inputs)
+
+    def loss(p, *a):
+        out = model.apply({"params": p}, *a)
+        return jnp.mean(out ** 2), out
+    grads, out = jax.jit(jax.grad(loss, has_aux=True))(params, *inputs)
     return cfg, inputs, params, np.asarray(out), grads
 
 
@@ -44,10 +46,11 @@ def test_sharded_forward_and_gradients_equal_single_device(reference, shape):
     boxed = abstract_params(model, *inputs)
     shardings = param_shardings(boxed, mesh)
     sharded = place_params(params, shardings)
-    loss = lambda p, *a: jnp.mean(model.apply({"params": p}, *a) ** 2)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        out = jax.jit(model.apply)({"params": sharded}, *inputs)
-        grads = jax.jit(jax.grad(loss), out_shardings=shardings)(sharded, *inputs)
+    def loss(p, *a):
+        out = model.apply({"params": p}, *a)
+        return jnp.mean(out ** 2), out
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):  # one program: output and gradients
+        grads, out = jax.jit(jax.grad(loss, has_aux=True), out_shardings=(shardings, None))(sharded, *inputs)
     np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-5 * np.abs(ref_out).max())
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5 + 1e-4 * float(jnp.abs(r).max()),

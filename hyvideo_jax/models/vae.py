@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hyvideo_jax.config_fields import from_fields, to_plain_dict
 from hyvideo_jax.models.layers import default_kernel_init, dense, zeros
 
 Dtype = Any
@@ -142,19 +143,10 @@ class VAEConfig:
     @classmethod
     def from_config(cls, config: "VAEConfig | Mapping[str, Any]") -> "VAEConfig":
         """From a `VAEConfig`, a dict or a ConfigDict (e.g. `config.vae.model`); unknown keys are errors."""
-        if isinstance(config, cls):
-            return config
-        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown vae config field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**values)
+        return from_fields(cls, config, "vae")
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["block_out_channels"] = list(self.block_out_channels)
-        return d
+        return to_plain_dict(self)
 
     @property
     def num_spatial_layers(self) -> int:
