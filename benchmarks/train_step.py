@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 
+from benchmarks import dit_vs_diffusers  # noqa: E402
+from benchmarks.dit_vs_diffusers import best_of  # noqa: E402
 from hyvideo_jax import flow, train  # noqa: E402
 from hyvideo_jax.convert import load_torch_dit  # noqa: E402
 from hyvideo_jax.models.dit import HunyuanVideoDiT  # noqa: E402
@@ -29,21 +31,10 @@ CONFIGS = {
                   num_single_layers=2, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
                   guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=24, rope_axes_dim=(4, 6, 6)),
              (2, 4, 8), 32, 8),
-    "small": (dict(in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=64, num_layers=2,
-                   num_single_layers=4, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
-                   guidance_embeds=True, text_embed_dim=256, pooled_projection_dim=128, rope_axes_dim=(16, 24, 24)),
-              (5, 32, 32), 64, 2),
+    "small": (dit_vs_diffusers.CONFIG, (5, 32, 32), 64, 2),   # the DiT benchmark's config
 }
 LR, CLIP = 1e-4, 1.0
 
-
-def best_of(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def bench(name, repeats):
