@@ -35,6 +35,7 @@ EXTRAS_REQUIRE = {
         "transformers==5.24.0",
         "safetensors==0.8.0",
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",        # the suite runs on both cores: XLA compiles are mostly single-threaded
         # libtpu describes TPU topologies, so the AOT tests compile for TPU pods on a machine without TPUs.
         f"jax[tpu]=={JAX_VERSION}",
     ],
