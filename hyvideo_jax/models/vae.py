@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from hyvideo_jax.config_fields import from_fields, to_plain_dict
-from hyvideo_jax.models.layers import default_kernel_init, dense, zeros
+from hyvideo_jax.models.layers import default_kernel_init, dense, dtypes, zeros
 
 Dtype = Any
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior clamps log-variance to this range, as the reference does
@@ -302,7 +302,7 @@ class MidBlockAttention(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        kw = dtypes(cfg)
         _, t, h, w, c = x.shape
         normed = GroupNorm(cfg.norm_num_groups, name="group_norm", **kw)(x)
         tokens = einops.rearrange(normed, "b t h w c -> b (t h w) c")
@@ -321,7 +321,7 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        kw = dtypes(cfg)
         h = nn.silu(GroupNorm(cfg.norm_num_groups, name="norm1", **kw)(x))
         h = CausalConv3d(self.features, 3, name="conv1", **kw)(h)
         h = nn.silu(GroupNorm(cfg.norm_num_groups, name="norm2", **kw)(h))
@@ -362,7 +362,7 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        kw = dtypes(cfg)
         x = CausalConv3d(cfg.block_out_channels[0], 3, name="conv_in", **kw)(x)
         for i, (features, stride) in enumerate(zip(cfg.block_out_channels, cfg.block_strides())):
             for j in range(cfg.layers_per_block):
@@ -381,7 +381,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z):
         cfg = self.config
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        kw = dtypes(cfg)
         x = CausalConv3d(cfg.block_out_channels[-1], 3, name="conv_in", **kw)(z)
         x = MidBlock(cfg, name="mid_block")(x)
         for i, (features, factor) in enumerate(zip(cfg.block_out_channels[::-1], cfg.block_strides())):
@@ -408,7 +408,7 @@ class HunyuanVideoVAE(nn.Module):
 
     def setup(self):
         cfg = self.config
-        kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+        kw = dtypes(cfg)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = CausalConv3d(2 * cfg.latent_channels, 1, **kw)
