@@ -4,8 +4,9 @@
     python benchmarks/vae_memory.py --released  # the released VAE with the official tiles (slow to compile)
 
 Nothing is executed: each program is only compiled, for shapes given abstractly, so large sizes cost no memory.
-Tiled decode should grow linearly in frames with a slope of a few output bytes per frame, and with frame area only
-by output-sized buffers; untiled decode grows with the activations (many channels per output pixel).
+Tiled decode should stay flat in both frames and frame area (one tile's activations; tiles are accumulated straight
+into the output, which is not temporary memory); untiled decode grows with the activations (many channels per
+output pixel).
 """
 
 import argparse

@@ -125,20 +125,7 @@ class VAEConfig:
         overrides = dict(min_size=self.tile_sample_min_size, stride=self.tile_sample_stride,
                          min_frames=self.tile_sample_min_frames, stride_frames=self.tile_sample_stride_frames)
         tiles = dataclasses.replace(preset, **{k: int(v) for k, v in overrides.items() if v is not None})
-        s, t = self.spatial_compression_ratio, self.temporal_compression_ratio
-        checks = (("tile_sample_min_size", tiles.min_size, s), ("tile_sample_stride", tiles.stride, s),
-                  ("tile_sample_min_frames", tiles.min_frames, t),
-                  ("tile_sample_stride_frames", tiles.stride_frames, t))
-        for field, value, ratio in checks:
-            if value <= 0 or value % ratio:
-                raise ValueError(f"vae.{field}: must be a positive multiple of {ratio}, got {value}")
-        if tiles.stride > tiles.min_size:
-            raise ValueError(f"vae.tile_sample_stride: {tiles.stride} exceeds the tile size {tiles.min_size} "
-                             "(tiles would leave gaps)")
-        if tiles.stride_frames > tiles.min_frames:
-            raise ValueError(f"vae.tile_sample_stride_frames: {tiles.stride_frames} exceeds the window length "
-                             f"{tiles.min_frames} (windows would leave gaps)")
-        return tiles
+        return check_tile_params(tiles, self)
 
     @classmethod
     def from_config(cls, config: "VAEConfig | Mapping[str, Any]") -> "VAEConfig":
@@ -166,6 +153,27 @@ class VAEConfig:
             t = 2 if (i >= n - 1 - n_time and i != n - 1) else 1
             strides.append((t, s, s))
         return strides
+
+
+def check_tile_params(tiles: TileParams, config: VAEConfig) -> TileParams:
+    """Return `tiles` if the VAE can tile with them, else raise ValueError naming the config field: sizes are
+    positive multiples of the compression ratios, and each overlap is at most half a tile (the stride at least
+    half the tile), which keeps tiles from reaching past their neighbours' pieces."""
+    s, t = config.spatial_compression_ratio, config.temporal_compression_ratio
+    checks = (("tile_sample_min_size", tiles.min_size, s), ("tile_sample_stride", tiles.stride, s),
+              ("tile_sample_min_frames", tiles.min_frames, t), ("tile_sample_stride_frames", tiles.stride_frames, t))
+    for field, value, ratio in checks:
+        if value <= 0 or value % ratio:
+            raise ValueError(f"vae.{field}: must be a positive multiple of {ratio}, got {value}")
+    for field, stride, size, what in (("tile_sample_stride", tiles.stride, tiles.min_size, "tile size"),
+                                      ("tile_sample_stride_frames", tiles.stride_frames, tiles.min_frames,
+                                       "window length")):
+        if stride > size:
+            raise ValueError(f"vae.{field}: {stride} exceeds the {what} {size} (tiles would leave gaps)")
+        if 2 * stride < size:
+            raise ValueError(f"vae.{field}: {stride} is less than half the {what} {size}; overlaps of more than "
+                             "half a tile are not supported")
+    return tiles
 
 
 def check_video_shape(shape: tuple[int, ...], config: VAEConfig):

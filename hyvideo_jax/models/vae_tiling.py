@@ -3,170 +3,229 @@
     latents = encode_video(model, params, video)             # tiles from model.config (official preset by default)
     video = decode_latents(model, params, latents, tiles=TILE_PRESETS["diffusers"])
 
-The algorithm is the reference one (official `AutoencoderKLCausal3D` and diffusers `AutoencoderKLHunyuanVideo`
-share it; only their tile numbers differ, see `TILE_PRESETS`): the input is cut into temporal windows of
-`min_frames + 1` frames every `stride_frames` frames (one extra frame, so that each later window's first output
-frame, which only sees a replicated past, can be dropped), each window into spatial tiles of `min_size` pixels
-every `stride` pixels. Each tile goes through the VAE on its own; tiles are blended with their upper and left
-neighbours (then windows with their predecessor) by linear ramps over the overlap, and cropped to the stride.
+The cut is the reference one (official `AutoencoderKLCausal3D` and diffusers `AutoencoderKLHunyuanVideo` share it;
+only their tile numbers differ, see `TILE_PRESETS`): the input is cut into temporal windows of `min_frames + 1`
+frames every `stride_frames` frames (one extra frame, so that each later window's first output frame, which only
+sees a replicated past, can be dropped), each window into spatial tiles of `min_size` pixels every `stride`
+pixels. Each tile goes through the VAE on its own.
 
-Tiles of equal shape run through one `lax.map`, so the compiled program holds one tile's activations at a time
-(plus buffers the size of the output), and compiles a handful of tile shapes rather than every tile.
+The references then blend every tile with its (already blended) upper and left neighbours by linear ramps over the
+overlap, crop it to the stride, and blend windows the same way in time. That recursion is linear in the tiles and,
+with overlaps of at most half a tile, every output element is a fixed weighted sum of the tiles covering it:
+`AxisPlan` computes those weights per axis (`tile_weights` combines them, including the product terms the in-place
+recursion creates at tile corners). So the tiles are streamed: a `fori_loop` per tile shape decodes one tile,
+multiplies it by its weights and adds it into the output buffer. The compiled program holds one tile's
+activations and the output, whatever the number of tiles, and compiles one loop body per tile shape (interior,
+ragged last row or column, short last window).
 
 Exactness: the result equals diffusers' tiled result with the same tile numbers (up to float rounding), but not
 the untiled result, because GroupNorm statistics and the causal padding are taken per tile.
 """
 
-from typing import Callable, Sequence
+import dataclasses
+import itertools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from hyvideo_jax.models.vae import (HunyuanVideoVAE, TileParams, check_latent_shape, check_video_shape, posterior,
-                                    posterior_latents)
-
-T_AXIS, H_AXIS, W_AXIS = 1, 2, 3
+from hyvideo_jax.models.vae import (HunyuanVideoVAE, TileParams, check_latent_shape, check_tile_params,
+                                    check_video_shape, posterior, posterior_latents)
 
 
-def blend(previous, current, extent: int, axis: int):
-    """Ramp the first `extent` slices of `current` (along `axis`) from the last ones of `previous` to its own.
+@dataclasses.dataclass(frozen=True)
+class AxisPlan:
+    """How one axis is cut and merged. Tile k reads input [in_start[k], in_start[k] + in_len[k]) and covers output
+    [out_start[k], out_start[k] + out_len[k]); at its local output position u it contributes with `weight[k, u]`.
 
-    current[k] ← previous[-e + k]·(1 - k/e) + current[k]·(k/e) for k < e = min(extent, both lengths); the rest
-    of `current` is unchanged.
+    `tail[k, u]` marks positions that lie in the next tile's piece (the overlap the next tile blends over), and
+    `squared[k, u]` is the weight with its ramp squared, 1 - r² instead of 1 - r (r instead of r²): the weight
+    the second blended axis takes there, see `tile_weights`. Rows are padded with zeros to the longest tile.
     """
-    e = min(previous.shape[axis], current.shape[axis], extent)
-    if e <= 0:
-        return current
-    ramp_shape = [1] * current.ndim
-    ramp_shape[axis] = e
-    ramp = (jnp.arange(e, dtype=jnp.float32) / e).reshape(ramp_shape)
-    n_prev = previous.shape[axis]
-    tail = jax.lax.slice_in_dim(previous, n_prev - e, n_prev, axis=axis).astype(jnp.float32)
-    head = jax.lax.slice_in_dim(current, 0, e, axis=axis).astype(jnp.float32)
-    mixed = (tail * (1 - ramp) + head * ramp).astype(current.dtype)
-    return jnp.concatenate([mixed, jax.lax.slice_in_dim(current, e, current.shape[axis], axis=axis)], axis=axis)
+    in_start: np.ndarray
+    in_len: np.ndarray
+    out_start: np.ndarray
+    out_len: np.ndarray
+    weight: np.ndarray
+    squared: np.ndarray
+    tail: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.in_start)
 
 
-def run_tiles(fn: Callable, inputs: Sequence[jax.Array]) -> list[jax.Array]:
-    """`[fn(x) for x in inputs]`, with the inputs of each distinct shape stacked and run through one `lax.map`
-    (a loop: one tile's activations live at a time)."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for index, x in enumerate(inputs):
-        groups.setdefault(tuple(x.shape), []).append(index)
-    outputs: list = [None] * len(inputs)
-    for indices in groups.values():
-        if len(indices) == 1:
-            outputs[indices[0]] = fn(inputs[indices[0]])
-            continue
-        stacked = jax.lax.map(fn, jnp.stack([inputs[i] for i in indices]))
-        for n, i in enumerate(indices):
-            outputs[i] = stacked[n]
-    return outputs
+def axis_plan(spans: list[tuple[int, int, int, int]], extent: int, drop_first: bool) -> AxisPlan:
+    """The plan of one axis from its tiles' (in_start, in_len, out_start, out_len), in order.
+
+    As in the references: each tile after the first loses its first output element if `drop_first` (temporal
+    windows), and its kept piece starts where the previous piece ends; it ramps in linearly over
+    e = min(previous kept length, own kept length, extent) elements, the previous tile ramping out over the same
+    elements, and it is cropped where the next tile's piece starts.
+    """
+    n = len(spans)
+    out_start = np.array([s[2] for s in spans])
+    out_len = np.array([s[3] for s in spans])
+    piece = out_start + np.array([1 if drop_first and k else 0 for k in range(n)])   # first kept output element
+    kept = out_start + out_len - piece
+    ramp = [0] + [min(kept[k - 1], kept[k], extent) for k in range(1, n)]
+    width = int(out_len.max())
+    weight, squared, tail = np.zeros((n, width), np.float32), np.zeros((n, width), np.float32), np.zeros((n, width),
+                                                                                                        bool)
+    for k in range(n):
+        p = out_start[k] + np.arange(out_len[k])
+        own = np.where(p - piece[k] < ramp[k], (p - piece[k]) / max(ramp[k], 1), 1.0)
+        w, sq, in_tail = own, own * own, np.zeros(out_len[k], bool)
+        if k + 1 < n:
+            if piece[k + 1] - piece[k] < ramp[k]:
+                raise ValueError(f"tile {k} ramps in over {ramp[k]} elements but keeps only "
+                                 f"{piece[k + 1] - piece[k]}: overlaps must not exceed half a tile")
+            in_tail = p >= piece[k + 1]
+            r = (p - piece[k + 1]) / max(ramp[k + 1], 1)
+            if np.any(r[in_tail] >= 1):
+                raise AssertionError(f"tile {k} reaches past the next tile's ramp ({spans})")
+            w, sq = np.where(in_tail, 1 - r, own), np.where(in_tail, 1 - r * r, sq)
+        before = p < piece[k]                                    # a dropped first element
+        weight[k, :out_len[k]] = np.where(before, 0, w)
+        squared[k, :out_len[k]] = np.where(before, 0, sq)
+        tail[k, :out_len[k]] = in_tail
+    return AxisPlan(np.array([s[0] for s in spans]), np.array([s[1] for s in spans]), out_start, out_len,
+                    weight, squared, tail)
 
 
-def _starts(length: int, tile: int, stride: int, enabled: bool) -> list[tuple[int, int]]:
-    """(start, stop) of the tiles along one axis: every `stride` once tiling is on (as the references do, also for
-    an axis shorter than a tile, since each tile is cropped to the stride), else one tile covering everything."""
+def tile_weights(t: AxisPlan, h: AxisPlan, w: AxisPlan, k, i, j, shape: tuple[int, int, int]) -> jax.Array:
+    """The [T, H, W] weights of tile (window k, row i, column j) of output shape `shape`; k, i, j may be traced.
+
+    Windows are blended after their frames are merged, so time factors out. In space the references blend rows
+    first, then columns, each in place: a tile's bottom overlap has already been blended with its left neighbour
+    when the tile below blends with it, which gives the column weight r² (own piece) or 1 - r² (right overlap)
+    where a row is in the bottom overlap, and r or 1 - r elsewhere.
+    """
+    lt, lh, lw = shape
+
+    def row(plan, field, index, length):
+        return jnp.asarray(getattr(plan, field))[index, :length]
+
+    columns = jnp.where(row(h, "tail", i, lh)[:, None], row(w, "squared", j, lw)[None], row(w, "weight", j, lw)[None])
+    return row(t, "weight", k, lt)[:, None, None] * (row(h, "weight", i, lh)[:, None] * columns)[None]
+
+
+def _spans(length: int, tile: int, stride: int, enabled: bool, out: Callable[[int, int], tuple[int, int]]):
+    """(in_start, in_len, out_start, out_len) of the tiles along one axis: every `stride` once tiling is on (as the
+    references do, also for an axis shorter than a tile, since each tile is cropped to the stride), else one tile
+    covering everything. `out` maps an input (start, length) to its output's."""
     if not enabled:
-        return [(0, length)]
-    return [(s, min(s + tile, length)) for s in range(0, length, stride)]
+        return [(0, length, *out(0, length))]
+    return [(s, min(tile, length - s), *out(s, min(tile, length - s))) for s in range(0, length, stride)]
 
 
-def _blend_grid(grid: list[list[jax.Array]], extent: int, keep: int, height: int, width: int):
-    """Blend a row-major grid of [B, T, h, w, C] tiles with their upper and left neighbours (already blended, as in
-    the reference's in-place loop), keep `keep`×`keep` of each and crop to height×width."""
-    if len(grid) == 1 and len(grid[0]) == 1:
-        return grid[0][0]
-    blended: list[list[jax.Array]] = []
-    rows = []
-    for i, row in enumerate(grid):
-        blended.append([])
-        pieces = []
-        for j, tile in enumerate(row):
-            if i > 0:
-                tile = blend(blended[i - 1][j], tile, extent, H_AXIS)
-            if j > 0:
-                tile = blend(blended[i][j - 1], tile, extent, W_AXIS)
-            blended[i].append(tile)
-            pieces.append(tile[:, :, :keep, :keep])
-        rows.append(jnp.concatenate(pieces, axis=W_AXIS))
-    return jnp.concatenate(rows, axis=H_AXIS)[:, :, :height, :width]
+def stream_tiles(fn: Callable, x: jax.Array, plans: tuple[AxisPlan, AxisPlan, AxisPlan]) -> jax.Array:
+    """Σ over tiles of weights · fn(tile), accumulated into one output buffer [B, T, H, W, C'] (C' and the dtype
+    are fn's).
+
+    Tiles of one shape run through one `fori_loop` (dynamic offsets), so one tile's activations live at a time.
+    """
+    t, h, w = plans
+    batch, channels = x.shape[0], x.shape[-1]
+    first = (batch, int(t.in_len[0]), int(h.in_len[0]), int(w.in_len[0]), channels)
+    probe = jax.eval_shape(fn, jax.ShapeDtypeStruct(first, x.dtype))
+    out_shape = (batch, int(t.out_start[-1] + t.out_len[-1]), int(h.out_start[-1] + h.out_len[-1]),
+                 int(w.out_start[-1] + w.out_len[-1]), probe.shape[-1])
+    out = jnp.zeros(out_shape, probe.dtype)
+
+    def group(plan):
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index in range(plan.size):
+            groups.setdefault((int(plan.in_len[index]), int(plan.out_len[index])), []).append(index)
+        return list(groups.items())
+
+    def tile_adder(indices: np.ndarray, in_shape: tuple[int, ...], tile_shape: tuple[int, int, int]):
+        table = {field: [jnp.asarray(getattr(p, field)) for p in plans] for field in ("in_start", "out_start")}
+        indices = jnp.asarray(indices)
+
+        def add_tile(n, out):
+            kij = indices[n]
+            tile = jax.lax.dynamic_slice(x, (0, *[a[kij[d]] for d, a in enumerate(table["in_start"])], 0), in_shape)
+            y = fn(tile)
+            if y.shape[1:4] != tile_shape:
+                raise AssertionError(f"a tile of shape {in_shape} gave {y.shape}, expected {tile_shape}")
+            start = (0, *[a[kij[d]] for d, a in enumerate(table["out_start"])], 0)
+            weights = tile_weights(t, h, w, kij[0], kij[1], kij[2], tile_shape)[None, ..., None]
+            region = jax.lax.dynamic_slice(out, start, y.shape)
+            return jax.lax.dynamic_update_slice(out, (region + y * weights).astype(out.dtype), start)
+
+        return add_tile
+
+    for (tk, ks), (hk, is_), (wk, js) in itertools.product(group(t), group(h), group(w)):
+        indices = np.array(list(itertools.product(ks, is_, js)), np.int32)
+        add_tile = tile_adder(indices, (batch, tk[0], hk[0], wk[0], channels), (tk[1], hk[1], wk[1]))
+        out = jax.lax.fori_loop(0, len(indices), add_tile, out)
+    return out
 
 
-def _blend_windows(windows: list[jax.Array], extent: int, keep: int, frames: int):
-    """Blend temporal windows (each after the first already without its first frame) with their predecessor,
-    keep `keep + 1` frames of the first and `keep` of the others, and crop to `frames`."""
-    if len(windows) == 1:
-        return windows[0]
-    blended, pieces = [], []
-    for k, window in enumerate(windows):
-        if k > 0:
-            window = blend(blended[k - 1], window, extent, T_AXIS)
-        blended.append(window)
-        pieces.append(window[:, :keep + 1] if k == 0 else window[:, :keep])
-    return jnp.concatenate(pieces, axis=T_AXIS)[:, :frames]
-
-
-def _tiled(fn: Callable, x, *, window: int, window_stride: int, tile: int, stride: int, tiles: TileParams,
-           out_frames: int, out_hw: tuple[int, int],
-           t_blend: int, t_keep: int, s_blend: int, s_keep: int):
-    """Shared driver of tiled encode and decode; sizes of the input (`window`, `tile`, strides) are in input
-    units, blend extents and keeps in output units."""
-    t_len, h_len, w_len = x.shape[1:4]
+def plan_tiles(shape: tuple[int, ...], tiles: TileParams, direction: str, spatial_ratio: int, temporal_ratio: int
+               ) -> tuple[AxisPlan, AxisPlan, AxisPlan] | None:
+    """The (time, height, width) plans for encoding a video of `shape` ("encode") or decoding latents of `shape`
+    ("decode") with `tiles`, or None where the input fits in one tile and one window (no tiling, as the
+    references decide it)."""
+    rs, rt = spatial_ratio, temporal_ratio
+    if direction == "encode":     # input in pixels and frames, output in latents
+        window, window_stride, tile, stride = tiles.min_frames, tiles.stride_frames, tiles.min_size, tiles.stride
+        out_t = lambda s, n: (s // rt, (n - 1) // rt + 1)  # noqa: E731
+        out_s = lambda s, n: (s // rs, n // rs)  # noqa: E731
+        t_blend, s_blend = (tiles.min_frames - tiles.stride_frames) // rt, (tiles.min_size - tiles.stride) // rs
+    elif direction == "decode":   # input in latents, output in pixels and frames
+        window, window_stride = tiles.min_frames // rt, tiles.stride_frames // rt
+        tile, stride = tiles.min_size // rs, tiles.stride // rs
+        out_t = lambda s, n: (s * rt, (n - 1) * rt + 1)  # noqa: E731
+        out_s = lambda s, n: (s * rs, n * rs)  # noqa: E731
+        t_blend, s_blend = tiles.min_frames - tiles.stride_frames, tiles.min_size - tiles.stride
+    else:
+        raise ValueError(f"direction must be 'encode' or 'decode', got {direction!r}")
+    t_len, h_len, w_len = shape[1:4]
     temporal = tiles.temporal and t_len > window
-    windows = ([(s, min(s + window + 1, t_len)) for s in range(0, t_len, window_stride)] if temporal
-               else [(0, t_len)])
+    spatial = tiles.spatial and (h_len > tile or w_len > tile)
+    if not temporal and not spatial:
+        return None
+    windows = _spans(t_len, window + 1, window_stride, temporal, out_t)
     # A later window of a single input frame yields a single output frame, which is dropped: skip its work.
-    windows = [w for k, w in enumerate(windows) if k == 0 or w[1] - w[0] > 1]
-    rows = _starts(h_len, tile, stride, tiles.spatial and (h_len > tile or w_len > tile))
-    cols = _starts(w_len, tile, stride, tiles.spatial and (h_len > tile or w_len > tile))
-    inputs = [x[:, t0:t1, h0:h1, w0:w1] for t0, t1 in windows for h0, h1 in rows for w0, w1 in cols]
-    outputs = run_tiles(fn, inputs)
-    per_window = len(rows) * len(cols)
-    results = []
-    for k in range(len(windows)):
-        flat = outputs[k * per_window:(k + 1) * per_window]
-        grid = [flat[r * len(cols):(r + 1) * len(cols)] for r in range(len(rows))]
-        window_out = _blend_grid(grid, s_blend, s_keep, *out_hw)
-        results.append(window_out if k == 0 else window_out[:, 1:])
-    return _blend_windows(results, t_blend, t_keep, out_frames)
+    windows = [span for k, span in enumerate(windows) if k == 0 or span[1] > 1]
+    return (axis_plan(windows, t_blend, drop_first=True),
+            axis_plan(_spans(h_len, tile, stride, spatial, out_s), s_blend, drop_first=False),
+            axis_plan(_spans(w_len, tile, stride, spatial, out_s), s_blend, drop_first=False))
+
+
+def tiled_apply(fn: Callable, x: jax.Array, tiles: TileParams, direction: str, spatial_ratio: int,
+                temporal_ratio: int) -> jax.Array:
+    """fn (an encoder or decoder of `x` [B, T, H, W, C]) applied tile by tile and blended as the references do."""
+    plans = plan_tiles(x.shape, tiles, direction, spatial_ratio, temporal_ratio)
+    return fn(x) if plans is None else stream_tiles(fn, x, plans)
 
 
 def tiled_encode_moments(model: HunyuanVideoVAE, params, video, tiles: TileParams | None = None):
     """Moments [B, (T-1)/4+1, H/8, W/8, 2·latent] of video [B, T, H, W, C], encoded tile by tile."""
     cfg = model.config
     check_video_shape(video.shape, cfg)
-    tiles = tiles or cfg.tile_params()
-    rs, rt = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
-    t, h, w = video.shape[1:4]
-    lat_tile, lat_stride = tiles.min_size // rs, tiles.stride // rs
-    lat_window, lat_window_stride = tiles.min_frames // rt, tiles.stride_frames // rt
+    tiles = check_tile_params(tiles or cfg.tile_params(), cfg)
 
     def encode_tile(x):
         return model.apply({"params": params}, x, method=HunyuanVideoVAE.encode_moments)
 
-    return _tiled(encode_tile, video, window=tiles.min_frames, window_stride=tiles.stride_frames,
-                  tile=tiles.min_size, stride=tiles.stride, tiles=tiles, out_frames=(t - 1) // rt + 1,
-                  out_hw=(h // rs, w // rs),
-                  t_blend=lat_window - lat_window_stride, t_keep=lat_window_stride,
-                  s_blend=lat_tile - lat_stride, s_keep=lat_stride)
+    return tiled_apply(encode_tile, video, tiles, "encode", cfg.spatial_compression_ratio,
+                       cfg.temporal_compression_ratio)
 
 
 def tiled_decode_unscaled(model: HunyuanVideoVAE, params, z, tiles: TileParams | None = None):
     """Video [B, 4(T-1)+1, 8h, 8w, C] from unscaled latents z [B, T, h, w, latent], decoded tile by tile."""
     cfg = model.config
     check_latent_shape(z.shape, cfg)
-    tiles = tiles or cfg.tile_params()
-    rs, rt = cfg.spatial_compression_ratio, cfg.temporal_compression_ratio
-    t, h, w = z.shape[1:4]
+    tiles = check_tile_params(tiles or cfg.tile_params(), cfg)
 
     def decode_tile(latent):
         return model.apply({"params": params}, latent, method=HunyuanVideoVAE.decode_unscaled)
 
-    return _tiled(decode_tile, z, window=tiles.min_frames // rt, window_stride=tiles.stride_frames // rt,
-                  tile=tiles.min_size // rs, stride=tiles.stride // rs, tiles=tiles,
-                  out_frames=(t - 1) * rt + 1, out_hw=(h * rs, w * rs), t_blend=tiles.min_frames - tiles.stride_frames,
-                  t_keep=tiles.stride_frames, s_blend=tiles.min_size - tiles.stride, s_keep=tiles.stride)
+    return tiled_apply(decode_tile, z, tiles, "decode", cfg.spatial_compression_ratio, cfg.temporal_compression_ratio)
 
 
 def encode_video(model: HunyuanVideoVAE, params, video, rng=None, tiles: TileParams | None = None):
