@@ -4,7 +4,7 @@
 
 The objective is chosen by `config.train.objective` (the registry `OBJECTIVES`): "flow" trains the DiT by flow
 matching on batches of tokenized clips (hyvideo_jax.flow), "vae" trains the VAE on batches of videos with its
-L1 + KL objective (hyvideo_jax.vae_objective). An objective returns a sum over the samples of a micro-batch and the
+L1 + KL objective (hyvideo_jax.vae_objective), read by `data.source="videos"` from a folder of video files. An objective returns a sum over the samples of a micro-batch and the
 number of samples it counts, so gradient accumulation over k micro-batches gives exactly the gradient of the mean
 over the whole batch, with padding slots (`valid` False) left out.
 
@@ -177,15 +177,16 @@ def vae_task(config) -> Task:
     size = cfg.spatial_compression_ratio
 
     def objective(params, batch, rngs):
-        # vae_loss averages over its batch; scaled back to a sum so micro-batches add up to the batch mean.
-        count = batch["video"].shape[0]
+        # vae_loss averages over the valid samples; scaled back to a sum so micro-batches add up to the batch mean.
+        count = jnp.sum(jnp.asarray(batch["valid"], jnp.float32)) if "valid" in batch else batch["video"].shape[0]
         loss, metrics = vae_loss(model, loss_config, params, batch, rngs[0])
         return loss * count, {k: v * count for k, v in dict(metrics, count=1.0).items()}
 
     def tokens(shapes):
         b, t, h, w, _ = shapes["video"]
         return b * t * h * w   # pixels
-    return Task(model, objective, lambda mesh: (jnp.zeros((1, 1, size, size, cfg.in_channels)),), ("video",), tokens)
+    return Task(model, objective, lambda mesh: (jnp.zeros((1, 1, size, size, cfg.in_channels)),), ("video", "valid"),
+                tokens)
 
 
 OBJECTIVES: dict[str, Callable[[Any], Task]] = {"flow": flow_task, "vae": vae_task}
@@ -409,10 +410,21 @@ def validate_config(config) -> dict[str, Any]:
     train = TrainConfig.from_config(config.train)
     sections = dict(train=train, mesh=MeshConfig.from_config(config.mesh),
                     data=pipeline.DataConfig.from_config(config.data))
-    if train.objective != "flow":
-        raise ValueError(f"train.objective: the loop reads tokenized clips from config.data, which suit only 'flow'; "
-                         f"train {train.objective!r} with make_train_step on its own batches")
-    sections.update(model=DiTConfig.from_config(config.model), flow=flow.FlowConfig.from_config(config.flow))
+    videos = sections["data"].source == "videos"
+    if train.objective == "vae":
+        if not videos:
+            raise ValueError(f"data.source: the 'vae' objective trains on pixels: set it to 'videos' (a folder of "
+                             f"video files in data.path), got {sections['data'].source!r}")
+        from hyvideo_jax.data.prepare import PrepareConfig
+        from hyvideo_jax.models.vae import VAEConfig
+        from hyvideo_jax.vae_objective import VAELossConfig
+        sections.update(vae=VAEConfig.from_config(config.vae.model), vae_loss=VAELossConfig.from_config(config.vae.loss),
+                        prepare=PrepareConfig.from_config(config.data.prepare))
+    else:
+        if videos:
+            raise ValueError(f"data.source: 'videos' gives pixels, which only the 'vae' objective trains on; "
+                             f"train.objective is {train.objective!r}")
+        sections.update(model=DiTConfig.from_config(config.model), flow=flow.FlowConfig.from_config(config.flow))
     batch = sections["data"].global_batch_size
     if batch % train.grad_accum_steps:
         raise ValueError(f"train.grad_accum_steps: {train.grad_accum_steps} does not divide "

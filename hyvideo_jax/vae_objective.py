@@ -49,25 +49,35 @@ def kl_divergence(mean, logvar):
 
 
 def temporal_smoothness(reconstruction, target):
-    """Mean L1 distance between the frame-to-frame differences of reconstruction and target ([B, T, H, W, C])."""
+    """Per-sample mean L1 distance between the frame-to-frame differences of reconstruction and target
+    ([B, T, H, W, C] → [B]; zeros for single frames)."""
     if reconstruction.shape[1] < 2:
-        return jnp.zeros((), jnp.float32)
+        return jnp.zeros(reconstruction.shape[:1], jnp.float32)
     diff_rec = jnp.diff(reconstruction.astype(jnp.float32), axis=1)
     diff_tgt = jnp.diff(target.astype(jnp.float32), axis=1)
-    return jnp.mean(jnp.abs(diff_rec - diff_tgt))
+    return _per_sample_mean(jnp.abs(diff_rec - diff_tgt))
+
+
+def _per_sample_mean(x):
+    return jnp.mean(x.reshape(x.shape[0], -1), axis=-1)
 
 
 def vae_loss(model: HunyuanVideoVAE, loss_config: VAELossConfig, params, batch: Mapping[str, jax.Array], rng):
-    """(loss, metrics) of one batch; pure, so it can be differentiated and jitted. See the module docstring."""
+    """(loss, metrics) of one batch; pure, so it can be differentiated and jitted. See the module docstring.
+
+    With `batch["valid"]` ([B] bool, as the data pipeline marks padding slots) the terms average over the valid
+    samples only (0 if there are none)."""
     video = batch["video"]
     reconstruction, mean, logvar = model.apply({"params": params}, video,
                                                rng if loss_config.sample_posterior else None)
-    reconstruction_l1 = jnp.mean(jnp.abs(reconstruction.astype(jnp.float32) - video.astype(jnp.float32)))
-    kl = jnp.mean(kl_divergence(mean, logvar))
-    temporal = temporal_smoothness(reconstruction, video)
-    loss = (loss_config.l1_weight * reconstruction_l1 + loss_config.kl_weight * kl
-            + loss_config.temporal_weight * temporal)
-    return loss, {"loss": loss, "reconstruction_l1": reconstruction_l1, "kl": kl, "temporal": temporal}
+    terms = {"reconstruction_l1": _per_sample_mean(jnp.abs(reconstruction.astype(jnp.float32)
+                                                           - video.astype(jnp.float32))),
+             "kl": kl_divergence(mean, logvar), "temporal": temporal_smoothness(reconstruction, video)}
+    weights = jnp.asarray(batch["valid"], jnp.float32) if "valid" in batch else jnp.ones(video.shape[:1])
+    terms = {k: jnp.sum(v * weights) / jnp.maximum(jnp.sum(weights), 1.0) for k, v in terms.items()}
+    loss = (loss_config.l1_weight * terms["reconstruction_l1"] + loss_config.kl_weight * terms["kl"]
+            + loss_config.temporal_weight * terms["temporal"])
+    return loss, dict(terms, loss=loss)
 
 
 def make_vae_loss_fn(model: HunyuanVideoVAE, loss_config: VAELossConfig) -> Callable:

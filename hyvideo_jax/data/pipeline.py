@@ -29,6 +29,10 @@ uninterrupted one would, with or without worker processes. Save it with the trai
 Sources (random access, each `source[i]` a validated `TokenizedClip`, `source.latent_shapes()` [N, 3]):
 `RandomClipSource` (random clips computed from (seed, index), for trainer tests before records exist),
 `ArrayRecordClipSource` (shards written by `hyvideo_jax.data.prepare`), `TfdsClipSource` (`tfds.data_source`).
+
+For training the VAE, `VideoFileSource` (`source="videos"`) reads a folder of video files instead, decoded as
+prepare decodes them (`config.data.prepare`'s fps and buckets); the same plan buckets them by pixel shape and
+batches are `video` [B, T, H, W, 3] float32 in [-1, 1] with `valid` and `record_index` (VIDEO_BATCH_KEYS).
 """
 
 import dataclasses
@@ -44,8 +48,9 @@ from hyvideo_jax.data.schema import (LATENT_DTYPES, TEXT_DTYPES, ClipSpec, Recor
                                      numpy_dtype, read_header)
 
 BATCH_KEYS = ("latents", "text_states", "text_mask", "pooled_text", "valid", "record_index")
+VIDEO_BATCH_KEYS = ("video", "valid", "record_index")
 MANIFEST = "manifest.json"
-SOURCES = ("random", "arrayrecord", "tfds")
+SOURCES = ("random", "arrayrecord", "tfds", "videos")
 _FOREVER_EPOCHS = 1 << 30  # num_epochs=0: a MapDataset this many epochs long is iterated lazily, never exhausted
 
 
@@ -55,7 +60,8 @@ class DataConfig:
 
     `source` is "random" (RandomClipSource with `random_records` clips whose latent shapes cycle through
     `random_latent_shapes`), "arrayrecord" (`path`: a folder written by prepare, or a comma-separated list of shard
-    files) or "tfds" (`tfds_name`, `tfds_split`, `tfds_data_dir`). `num_epochs` 0 repeats forever.
+    files), "tfds" (`tfds_name`, `tfds_split`, `tfds_data_dir`) or "videos" (`path`: a folder of video files, for
+    the VAE objective). `num_epochs` 0 repeats forever.
     `worker_count` > 0 decodes batches in that many worker processes; `read_threads` threads otherwise.
     """
     source: str = "random"
@@ -93,6 +99,8 @@ class DataConfig:
             fail("source", f"must be one of {SOURCES}, got {self.source!r}")
         if self.source == "arrayrecord" and not self.path:
             fail("path", "is empty: give the folder written by `python -m hyvideo_jax.data.prepare`")
+        if self.source == "videos" and not self.path:
+            fail("path", "is empty: give a folder of video files")
         if self.source == "tfds" and not self.tfds_name:
             fail("tfds_name", "is empty: give the name of a TFDS dataset of tokenized clips")
         for f in ("global_batch_size", "latent_channels", "text_len", "text_dim", "pooled_dim", "random_records",
@@ -291,8 +299,63 @@ def clip_from_features(features: Mapping[str, Any], where: str) -> TokenizedClip
         height=int(features["height"]), width=int(features["width"])).validate(where)
 
 
-def make_source(config: DataConfig, seed: int = 0):
-    """The source `config.source` names."""
+class VideoFileSource:
+    """The video files of a folder (names sorted), each decoded when read exactly as prepare decodes it
+    (`hyvideo_jax.data.prepare.decode_clip`: `prepare.fps`, resized and centre-cropped to the bucket of the closest
+    aspect ratio, the longest bucket length that fits). For the VAE objective, which needs pixels, not latents.
+
+    Every video is decoded once when the source is built, to learn its bucket shape (the batch plan needs all
+    shapes up front); videos prepare would skip (unreadable, too short) are left out and logged with the reason.
+    """
+
+    def __init__(self, folder: str, prepare, progress: bool = True):
+        from absl import logging
+        from tqdm import tqdm
+
+        from hyvideo_jax.data.prepare import VIDEO_EXTENSIONS, SkipVideo, decode_clip
+
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"data.path: {folder} is not a folder of videos")
+        self.folder, self.prepare, self._decode = folder, prepare, decode_clip
+        names = sorted(f for f in os.listdir(folder) if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith("."))
+        self.names, shapes, self.skipped = [], [], []
+        for name in tqdm(names, desc=f"probe {folder}", unit="video", disable=not progress):
+            try:
+                video, _ = decode_clip(os.path.join(folder, name), prepare)
+            except SkipVideo as e:
+                self.skipped.append({"video": name, "reason": str(e)})
+                continue
+            self.names.append(name)
+            shapes.append(video.shape[:3])
+        for entry in self.skipped:
+            logging.warning("data: left out %s: %s", entry["video"], entry["reason"])
+        if not self.names:
+            raise ValueError(f"data.path: no usable video in {folder} ({len(names)} video files, "
+                             f"{len(self.skipped)} left out)")
+        self._shapes = np.asarray(shapes, np.int64).reshape(-1, 3)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def where(self, index: int) -> str:
+        return f"video {os.path.join(self.folder, self.names[index])}"
+
+    def video_shapes(self) -> np.ndarray:
+        """[N, 3] (frames, height, width) of every video's bucket."""
+        return self._shapes
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        video, _ = self._decode(os.path.join(self.folder, self.names[index]), self.prepare)
+        return video
+
+
+def make_source(config: DataConfig, seed: int = 0, prepare=None):
+    """The source `config.source` names; "videos" decodes with `prepare` (a PrepareConfig: fps and buckets)."""
+    if config.source == "videos":
+        if prepare is None:
+            raise ValueError("data.prepare: the videos source decodes with data.prepare's fps and buckets; pass "
+                             "config.data with its prepare section")
+        return VideoFileSource(config.path, prepare)
     if config.source == "random":
         return RandomClipSource(config.random_records, config.random_latent_shapes, config.spec, seed,
                                 config.latent_dtype, config.text_dtype)
@@ -391,16 +454,54 @@ class LoadBatch(grain.transforms.Map):
         return batch
 
 
+class LoadVideoBatch(grain.transforms.Map):
+    """(video shape, record indices) ↦ {video [B, T, H, W, 3] float32 in [-1, 1], valid, record_index}; padding
+    slots are zeros."""
+
+    def __init__(self, source: VideoFileSource):
+        self.source = source
+
+    def map(self, element: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+        shape, indices = element
+        batch = dict(video=np.zeros((len(indices), *shape, 3), np.float32), valid=indices >= 0,
+                     record_index=np.asarray(indices, np.int64))
+        for slot, index in enumerate(indices):
+            if index < 0:
+                continue
+            video = self.source[int(index)]
+            if video.shape[:3] != tuple(shape):
+                raise RecordError(f"{self.source.where(int(index))}: decodes to {video.shape[:3]}, not the "
+                                  f"{tuple(shape)} it had when the source was built (file changed?)")
+            batch["video"][slot] = video
+        return batch
+
+
+def _prepare_section(config):
+    """config.data's prepare section as a PrepareConfig, or None (a bare DataConfig has none)."""
+    if isinstance(config, DataConfig):
+        return None
+    section = config.get("prepare") if hasattr(config, "get") else None
+    if section is None:
+        return None
+    from hyvideo_jax.data.prepare import PrepareConfig
+    return PrepareConfig.from_config(section)
+
+
 # ------------------------------------------------------------------------------------------------------ pipeline
 def make_dataset(config: "DataConfig | Mapping[str, Any]", process_index: int, process_count: int, seed: int = 0,
                  source=None) -> grain.IterDataset:
     """The Grain IterDataset of this process's batches (see the module docstring); `source` overrides config's."""
+    prepare = _prepare_section(config)
     config = DataConfig.from_config(config)
-    source = make_source(config, seed) if source is None else source
-    plan = ProcessBatchPlan(source.latent_shapes(), config.global_batch_size, process_index, process_count, seed,
+    source = make_source(config, seed, prepare) if source is None else source
+    if isinstance(source, VideoFileSource):
+        shapes, load = source.video_shapes(), LoadVideoBatch(source)
+    else:
+        shapes, load = source.latent_shapes(), LoadBatch(source, config)
+    plan = ProcessBatchPlan(shapes, config.global_batch_size, process_index, process_count, seed,
                             config.shuffle, config.drop_remainder)
     epochs = config.num_epochs or _FOREVER_EPOCHS
-    ds = grain.MapDataset.range(plan.steps_per_epoch * epochs).map(plan).map(LoadBatch(source, config))
+    ds = grain.MapDataset.range(plan.steps_per_epoch * epochs).map(plan).map(load)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                               prefetch_buffer_size=config.prefetch_buffer_size))
     if config.worker_count:
@@ -424,7 +525,8 @@ def make_train_pipeline(config: "DataConfig | Mapping[str, Any]", process_index:
 
 def steps_per_epoch(config: "DataConfig | Mapping[str, Any]", seed: int = 0, source=None) -> int:
     """Number of batches in one epoch (the same on every process)."""
+    prepare = _prepare_section(config)
     config = DataConfig.from_config(config)
-    source = make_source(config, seed) if source is None else source
-    return len(epoch_plan(source.latent_shapes(), config.global_batch_size, seed, 0, config.shuffle,
-                          config.drop_remainder)[0])
+    source = make_source(config, seed, prepare) if source is None else source
+    shapes = source.video_shapes() if isinstance(source, VideoFileSource) else source.latent_shapes()
+    return len(epoch_plan(shapes, config.global_batch_size, seed, 0, config.shuffle, config.drop_remainder)[0])
