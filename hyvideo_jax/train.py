@@ -2,11 +2,16 @@
 
     python -m hyvideo_jax.train --config=configs/tiny.py --workdir=/tmp/run --config.train.num_steps=100
 
+Several processes run the same command: on a TPU pod (or under SLURM) `config.train.initialize_distributed=True`
+lets JAX find its place in the cluster; elsewhere each process is told with `--coordinator_address=host:port
+--num_processes=N --process_id=i`, and all share one workdir.
+
 The objective is chosen by `config.train.objective` (the registry `OBJECTIVES`): "flow" trains the DiT by flow
 matching on batches of tokenized clips (hyvideo_jax.flow), "vae" trains the VAE on batches of videos with its
-L1 + KL objective (hyvideo_jax.vae_objective), read by `data.source="videos"` from a folder of video files. An objective returns a sum over the samples of a micro-batch and the
-number of samples it counts, so gradient accumulation over k micro-batches gives exactly the gradient of the mean
-over the whole batch, with padding slots (`valid` False) left out.
+L1 + KL objective (hyvideo_jax.vae_objective), read by `data.source="videos"` from a folder of video files. An
+objective returns a sum over the samples of a micro-batch and the number of samples it counts, so gradient
+accumulation over k micro-batches gives exactly the gradient of the mean over the whole batch, with padding slots
+(`valid` False) left out.
 
 One step (`make_train_step`): per-sample PRNG keys from fold_in(seed key, step), the batch split into
 `grad_accum_steps` micro-batches (strided, so each stays sharded over the batch axes) and scanned, gradients
@@ -418,7 +423,8 @@ def validate_config(config) -> dict[str, Any]:
         from hyvideo_jax.data.prepare import PrepareConfig
         from hyvideo_jax.models.vae import VAEConfig
         from hyvideo_jax.vae_objective import VAELossConfig
-        sections.update(vae=VAEConfig.from_config(config.vae.model), vae_loss=VAELossConfig.from_config(config.vae.loss),
+        sections.update(vae=VAEConfig.from_config(config.vae.model),
+                        vae_loss=VAELossConfig.from_config(config.vae.loss),
                         prepare=PrepareConfig.from_config(config.data.prepare))
     else:
         if videos:
@@ -445,7 +451,8 @@ class _StopSignal:
         self.event, self.previous = threading.Event(), None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # With several processes the preemption notifier owns SIGTERM; a Python handler would replace it.
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
         return self
 
@@ -489,6 +496,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     else:
         state = create_train_state(task, tx, train_config, mesh, init_rng)
     start = int(state.step)
+    logging.info("Process %d of %d: %d of %d devices, mesh %s, from step %d", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape), start)
 
     is_main = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
@@ -554,9 +563,17 @@ def main(argv):
     from absl import app, flags
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    config = flags.FLAGS.config
-    if config.get("train", {}).get("initialize_distributed", False):
-        jax.distributed.initialize()   # before anything touches the devices
+    config, f = flags.FLAGS.config, flags.FLAGS
+    explicit = dict(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+                    process_id=f.process_id)
+    if any(v is not None for v in explicit.values()):
+        missing = [k for k, v in explicit.items() if v is None]
+        if missing:
+            raise app.UsageError(f"--coordinator_address, --num_processes and --process_id go together; missing "
+                                 f"{', '.join('--' + k for k in missing)}")
+        jax.distributed.initialize(**explicit)   # before anything touches the devices
+    elif config.get("train", {}).get("initialize_distributed", False):
+        jax.distributed.initialize()   # the cluster (TPU pod, SLURM, ...) tells each process its place
     try:
         validate_config(config)
     except ValueError as e:
@@ -570,5 +587,9 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and profiles (resumed if it has any).")
     config_flags.DEFINE_config_file("config", None, "Training configuration (configs/*.py).", lock_config=True)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for several processes outside a "
+                        "cluster JAX detects (with --num_processes and --process_id).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

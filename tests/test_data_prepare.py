@@ -38,6 +38,41 @@ def test_frame_sampling_at_target_fps(tmp_path):
     assert prepare.choose_size(40, 40, config.buckets) == (32, 32)
 
 
+def test_probe_gives_the_decoded_shape_without_pixels(tmp_path):
+    """probe_clip (frame times only) names the shape decode_clip produces, or raises its SkipVideo, for sources of
+    other frame rates, lengths and aspect ratios; and costs less."""
+    import time
+
+    config = prepare.PrepareConfig(fps=8.0, buckets=((5, 32, 32), (9, 32, 32), (13, 32, 32), (5, 16, 32)))
+    cases = [(16.0, 21, 32, 32), (24.0, 40, 48, 80), (5.0, 9, 64, 64), (8.0, 12, 32, 48), (30.0, 17, 40, 40),
+             (12.5, 30, 32, 32), (8.0, 3, 32, 32), (4.0, 3, 32, 32)]
+    paths = []
+    for i, (fps, frames, height, width) in enumerate(cases):
+        paths.append(str(tmp_path / f"v{i}.mp4"))
+        synthetic.write_mp4(paths[-1], synthetic.render(scene(i), frames, height, width), fps)
+    paths.append(str(tmp_path / "broken.mp4"))
+    with open(paths[-1], "wb") as f:
+        f.write(np.random.default_rng(0).bytes(4000))
+
+    def outcome(fn, path):
+        try:
+            return tuple(fn(path))
+        except prepare.SkipVideo as e:
+            return str(e)
+
+    start = time.perf_counter()
+    decoded = [outcome(lambda p: prepare.decode_clip(p, config)[0].shape[:3], p) for p in paths]
+    decode_seconds, start = time.perf_counter() - start, time.perf_counter()
+    probed = [outcome(lambda p: prepare.probe_clip(p, config), p) for p in paths]
+    probe_seconds = time.perf_counter() - start
+    print(f"decoded shapes {decoded}; probe {probe_seconds:.3f} s, decode {decode_seconds:.3f} s")
+    assert probed == decoded
+    # Every branch is covered: buckets of each length and both sizes, too short, unreadable.
+    assert {d[0] for d in decoded if isinstance(d, tuple)} == {5, 9, 13} and (5, 16, 32) in decoded
+    assert any(str(d).startswith("too short") for d in decoded)
+    assert any(str(d).startswith("unreadable") for d in decoded)
+
+
 def make_folder(folder, indices):
     """Good synthetic videos `indices`, a corrupt file, a too-short video and an uncaptioned one."""
     os.makedirs(folder, exist_ok=True)

@@ -304,29 +304,40 @@ class VideoFileSource:
     (`hyvideo_jax.data.prepare.decode_clip`: `prepare.fps`, resized and centre-cropped to the bucket of the closest
     aspect ratio, the longest bucket length that fits). For the VAE objective, which needs pixels, not latents.
 
-    Every video is decoded once when the source is built, to learn its bucket shape (the batch plan needs all
-    shapes up front); videos prepare would skip (unreadable, too short) are left out and logged with the reason.
+    The batch plan needs every bucket shape up front, so the source probes every video when built
+    (`prepare.probe_clip`: frames decoded for their times only, no pixel conversion), on `threads` threads; videos
+    prepare would skip (unreadable, too short) are left out and logged with the reason.
     """
 
-    def __init__(self, folder: str, prepare, progress: bool = True):
+    def __init__(self, folder: str, prepare, progress: bool = True, threads: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
         from absl import logging
         from tqdm import tqdm
 
-        from hyvideo_jax.data.prepare import VIDEO_EXTENSIONS, SkipVideo, decode_clip
+        from hyvideo_jax.data.prepare import VIDEO_EXTENSIONS, SkipVideo, decode_clip, probe_clip
 
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"data.path: {folder} is not a folder of videos")
         self.folder, self.prepare, self._decode = folder, prepare, decode_clip
         names = sorted(f for f in os.listdir(folder) if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith("."))
-        self.names, shapes, self.skipped = [], [], []
-        for name in tqdm(names, desc=f"probe {folder}", unit="video", disable=not progress):
+
+        def probe(name):
             try:
-                video, _ = decode_clip(os.path.join(folder, name), prepare)
+                return probe_clip(os.path.join(folder, name), prepare)
             except SkipVideo as e:
-                self.skipped.append({"video": name, "reason": str(e)})
-                continue
-            self.names.append(name)
-            shapes.append(video.shape[:3])
+                return str(e)
+
+        self.names, shapes, self.skipped = [], [], []
+        with ThreadPoolExecutor(max(1, threads)) as pool:   # the decoder releases the GIL
+            probed = tqdm(pool.map(probe, names), total=len(names), desc=f"probe {folder}", unit="video",
+                          disable=not progress)
+            for name, result in zip(names, probed):
+                if isinstance(result, str):
+                    self.skipped.append({"video": name, "reason": result})
+                else:
+                    self.names.append(name)
+                    shapes.append(result)
         for entry in self.skipped:
             logging.warning("data: left out %s: %s", entry["video"], entry["reason"])
         if not self.names:
@@ -355,7 +366,7 @@ def make_source(config: DataConfig, seed: int = 0, prepare=None):
         if prepare is None:
             raise ValueError("data.prepare: the videos source decodes with data.prepare's fps and buckets; pass "
                              "config.data with its prepare section")
-        return VideoFileSource(config.path, prepare)
+        return VideoFileSource(config.path, prepare, threads=config.read_threads)
     if config.source == "random":
         return RandomClipSource(config.random_records, config.random_latent_shapes, config.spec, seed,
                                 config.latent_dtype, config.text_dtype)

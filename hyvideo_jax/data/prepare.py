@@ -116,8 +116,10 @@ def resize_crop(frame, height: int, width: int) -> np.ndarray:
     return rgb[top:top + height, left:left + width]
 
 
-def decode_clip(path: str, config: PrepareConfig) -> tuple[np.ndarray, float]:
-    """(video [T, H, W, 3] float32 in [-1, 1] of the chosen bucket, source fps); SkipVideo with a reason."""
+def _read_clip(path: str, config: PrepareConfig, pixels: bool) -> tuple[list, tuple[int, int], int, float]:
+    """(frames at `config.fps`, bucket (height, width), bucket length, source fps). Frames are uint8 arrays, or
+    None each when `pixels` is False: then frames are decoded only for their times, never converted, which is what
+    the bucket shape needs and several times cheaper."""
     import av
 
     try:
@@ -129,16 +131,16 @@ def decode_clip(path: str, config: PrepareConfig) -> tuple[np.ndarray, float]:
             lengths = sorted(b[0] for b in config.buckets if (b[1], b[2]) == size)
             source_fps = float(stream.average_rate or 0.0)
             frames, last_time = [], None
-            previous = None
+            previous, seen = None, False
             for frame in container.decode(stream):
                 t = float(frame.time if frame.time is not None else len(frames) / max(source_fps, 1e-6))
                 # Target k (time k/fps) shows the last frame at or before it: emit `previous` for targets before t.
-                while previous is not None and len(frames) < lengths[-1] and len(frames) / config.fps < t - 1e-6:
+                while seen and len(frames) < lengths[-1] and len(frames) / config.fps < t - 1e-6:
                     frames.append(previous)
                 if len(frames) >= lengths[-1]:
                     break
-                previous, last_time = resize_crop(frame, *size), t
-            if previous is not None and len(frames) < lengths[-1]:
+                previous, last_time, seen = resize_crop(frame, *size) if pixels else None, t, True
+            if seen and len(frames) < lengths[-1]:
                 # The last frame stays on screen for one source frame period.
                 end = last_time + (1.0 / source_fps if source_fps > 0 else 0.0)
                 while len(frames) < lengths[-1] and len(frames) / config.fps < end - 1e-6:
@@ -153,8 +155,20 @@ def decode_clip(path: str, config: PrepareConfig) -> tuple[np.ndarray, float]:
     if not fitting:
         raise SkipVideo(f"too short: {len(frames)} frames at {config.fps:g} fps, the shortest {size[0]}x{size[1]} "
                         f"bucket needs {lengths[0]}")
-    video = np.stack(frames[:fitting[-1]]).astype(np.float32) / 127.5 - 1.0
-    return video, source_fps
+    return frames[:fitting[-1]], size, fitting[-1], source_fps
+
+
+def decode_clip(path: str, config: PrepareConfig) -> tuple[np.ndarray, float]:
+    """(video [T, H, W, 3] float32 in [-1, 1] of the chosen bucket, source fps); SkipVideo with a reason."""
+    frames, _, _, source_fps = _read_clip(path, config, pixels=True)
+    return np.stack(frames).astype(np.float32) / 127.5 - 1.0, source_fps
+
+
+def probe_clip(path: str, config: PrepareConfig) -> tuple[int, int, int]:
+    """The (frames, height, width) of `decode_clip(path, config)`'s video, or the same SkipVideo, without
+    converting any pixels."""
+    _, (height, width), length, _ = _read_clip(path, config, pixels=False)
+    return length, height, width
 
 
 # ------------------------------------------------------------------------------------------------------- writing

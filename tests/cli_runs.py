@@ -1,0 +1,69 @@
+"""Helpers for tests that run the training CLI in subprocesses: start it, signal it once a step is logged, read
+its final checkpoint."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import orbax.checkpoint as ocp
+
+from configs import tiny
+from hyvideo_jax import train
+from hyvideo_jax.parallel.mesh import create_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = ((2, 4, 4), (2, 4, 8))
+
+
+def overrides(steps: int, shapes=SHAPES) -> list[str]:
+    """Flags for a short run of configs/tiny.py on random clips of latent `shapes` (one compile each)."""
+    return [f"--config.train.num_steps={steps}", "--config.train.checkpoint_every_steps=3",
+            f"--config.data.random_latent_shapes={tuple(shapes)}".replace(" ", ""), "--config.data.random_records=12"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start(workdir: str, cache_dir: str, args: list[str], devices: int = 8, log_name: str | None = None):
+    """`python -m hyvideo_jax.train` on configs/tiny.py with `devices` simulated CPU devices; output appended to
+    WORKDIR.log (or `log_name` beside the workdir)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_DEFAULT_MATMUL_PRECISION="highest")
+    log = open(os.path.join(os.path.dirname(workdir), log_name or os.path.basename(workdir) + ".log"), "a")
+    return subprocess.Popen([sys.executable, "-m", "hyvideo_jax.train", "--config=configs/tiny.py",
+                             f"--workdir={workdir}", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def signal_after(proc, workdir: str, step: int, sig, timeout: float = 300) -> int | None:
+    """Send `sig` to `proc` once WORKDIR's metrics log a step >= `step`; returns that logged step (None if the run
+    ended first)."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        steps = train.read_metrics(workdir) if os.path.exists(os.path.join(workdir, train.METRICS_FILE)) else {}
+        if steps and max(steps) >= step:
+            proc.send_signal(sig)
+            return max(steps)
+        time.sleep(0.02)
+    return None
+
+
+def final_state(workdir: str, steps: int, shapes=SHAPES):
+    """(TrainState as host arrays, data iterator state) of WORKDIR's checkpoint of step `steps`."""
+    config = tiny.get_config()
+    train_config = train.TrainConfig.from_config(dict(config.train, num_steps=steps))
+    config.data.random_latent_shapes = tuple(shapes)
+    task = train.OBJECTIVES["flow"](config)
+    tx = train.make_optimizer(train_config)
+    abstract, _ = train.state_shardings(task, tx, train_config, create_mesh(config.mesh))
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
+    assert manager.latest_step() == steps
+    state, data = train.restore_checkpoint(manager, abstract)
+    manager.close()
+    return jax.device_get(state), data
