@@ -2,6 +2,7 @@
 its final checkpoint."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -31,9 +32,10 @@ def free_port() -> int:
 
 
 def start(workdir: str, cache_dir: str, args: list[str], devices: int = 8, log_name: str | None = None):
-    """`python -m hyvideo_jax.train` on configs/tiny.py with `devices` simulated CPU devices; output appended to
-    WORKDIR.log (or `log_name` beside the workdir)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    """`python -m hyvideo_jax.train` on configs/tiny.py with `devices` simulated CPU devices (and the test
+    process's other XLA flags); output appended to WORKDIR.log (or `log_name` beside the workdir)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}",
                JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_DEFAULT_MATMUL_PRECISION="highest")
     log = open(os.path.join(os.path.dirname(workdir), log_name or os.path.basename(workdir) + ".log"), "a")
