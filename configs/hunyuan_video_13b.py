@@ -82,6 +82,7 @@ def get_config():
         pooled_dim=config.model.pooled_text_dim,
         latent_dtype="bfloat16",
         text_dtype="bfloat16",
+        video_index="",               # source "videos": a JSON file keeping probed shapes across restarts
         prepare=ml_collections.ConfigDict(dict(
             fps=24.0,
             # (frames, height, width): 720p and 544p landscape, portrait and square, 129 and 65 frames.

@@ -79,6 +79,7 @@ def get_config():
         text_dtype="float32",
         random_records=64,
         random_latent_shapes=((2, 4, 4), (3, 4, 6)),  # [T, H, W] latents; H, W even for patch_size 2
+        video_index="",               # source "videos": a JSON file keeping probed shapes across restarts
         prepare=ml_collections.ConfigDict(dict(
             fps=8.0,
             buckets=((5, 32, 32), (5, 16, 32)),  # (frames, height, width) pixels: one VAE tile, no tiling

@@ -59,6 +59,39 @@ def test_video_source_batches_decoded_clips_and_leaves_out_broken_files(videos):
         train.validate_config(bad)
 
 
+def test_video_index_keeps_probed_shapes_across_restarts(videos, tmp_path, monkeypatch):
+    from hyvideo_jax.data import prepare as prepare_module
+
+    config = vae_config(videos)
+    config.data.video_index = str(tmp_path / "run" / "video_index.json")
+    data, prepare = pipeline.DataConfig.from_config(config.data), PrepareConfig.from_config(config.data.prepare)
+    probed = []
+    real_probe = prepare_module.probe_clip
+    monkeypatch.setattr(prepare_module, "probe_clip", lambda path, cfg: probed.append(path) or real_probe(path, cfg))
+
+    def build(prepare=prepare, process_index=0):
+        probed.clear()
+        source = pipeline.make_source(data, 0, prepare, process_index)
+        return (source.names, source.video_shapes().tolist(), source.skipped), len(probed)
+
+    first, count = build()
+    assert count == 7 and os.path.exists(config.data.video_index)   # six videos and the broken file
+    again, count = build()
+    assert again == first and count == 0   # all seven outcomes, the skip reason too, come from the index
+    name = first[0][2]
+    stat = os.stat(os.path.join(videos, name))
+    os.utime(os.path.join(videos, name), ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))   # a changed file
+    assert build(process_index=1) == (first, 1)   # re-probed, but process 1 leaves the index as it is
+    assert build() == (first, 1)
+    assert build() == (first, 0)
+    other = PrepareConfig.from_config(dict(config.data.prepare.to_dict(), fps=12.0))
+    assert build(other)[1] == 7   # other prepare settings: the index does not apply
+    with open(config.data.video_index, "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="data.video_index: .* is not a readable index"):
+        build()
+
+
 def test_vae_loop_masks_padding_and_resumes_exactly(videos, tmp_path):
     config = vae_config(videos, num_steps=4, checkpoint_every_steps=2)
     workdir = str(tmp_path / "run")

@@ -61,7 +61,8 @@ class DataConfig:
     `source` is "random" (RandomClipSource with `random_records` clips whose latent shapes cycle through
     `random_latent_shapes`), "arrayrecord" (`path`: a folder written by prepare, or a comma-separated list of shard
     files), "tfds" (`tfds_name`, `tfds_split`, `tfds_data_dir`) or "videos" (`path`: a folder of video files, for
-    the VAE objective). `num_epochs` 0 repeats forever.
+    the VAE objective; `video_index`, if set, is a JSON file that keeps each video's probed bucket shape, so a
+    restart probes only new or changed files). `num_epochs` 0 repeats forever.
     `worker_count` > 0 decodes batches in that many worker processes; `read_threads` threads otherwise.
     """
     source: str = "random"
@@ -85,6 +86,7 @@ class DataConfig:
     text_dtype: str = "bfloat16"
     random_records: int = 64
     random_latent_shapes: tuple[tuple[int, int, int], ...] = ((5, 8, 8),)
+    video_index: str = ""
 
     def __post_init__(self):
         shapes = tuple(tuple(int(s) for s in shape) for shape in self.random_latent_shapes)
@@ -306,16 +308,20 @@ class VideoFileSource:
 
     The batch plan needs every bucket shape up front, so the source probes every video when built
     (`prepare.probe_clip`: frames decoded for their times only, no pixel conversion), on `threads` threads; videos
-    prepare would skip (unreadable, too short) are left out and logged with the reason.
+    prepare would skip (unreadable, too short) are left out and logged with the reason. With `index` (a JSON file
+    path) the outcomes are kept there, keyed by file name, size and modification time under the prepare settings,
+    and only videos not in it are probed; `write_index` False reads it without updating it (processes other than
+    the first).
     """
 
-    def __init__(self, folder: str, prepare, progress: bool = True, threads: int = 2):
+    def __init__(self, folder: str, prepare, progress: bool = True, threads: int = 2, index: str = "",
+                 write_index: bool = True):
         from concurrent.futures import ThreadPoolExecutor
 
         from absl import logging
         from tqdm import tqdm
 
-        from hyvideo_jax.data.prepare import VIDEO_EXTENSIONS, SkipVideo, decode_clip, probe_clip
+        from hyvideo_jax.data.prepare import VIDEO_EXTENSIONS, SkipVideo, decode_clip, probe_clip, write_json
 
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"data.path: {folder} is not a folder of videos")
@@ -324,20 +330,32 @@ class VideoFileSource:
 
         def probe(name):
             try:
-                return probe_clip(os.path.join(folder, name), prepare)
+                return list(probe_clip(os.path.join(folder, name), prepare))
             except SkipVideo as e:
                 return str(e)
 
-        self.names, shapes, self.skipped = [], [], []
+        settings = {"fps": prepare.fps, "buckets": [list(b) for b in prepare.buckets]}
+        known = _read_video_index(index, settings) if index else {}
+        stats = {n: (lambda st: [st.st_size, st.st_mtime_ns])(os.stat(os.path.join(folder, n))) for n in names}
+        outcomes = {n: known[n]["outcome"] for n in names if n in known and known[n]["stat"] == stats[n]}
+        todo = [n for n in names if n not in outcomes]
+        if outcomes:
+            logging.info("data: %d of %d video shapes from %s", len(outcomes), len(names), index)
         with ThreadPoolExecutor(max(1, threads)) as pool:   # the decoder releases the GIL
-            probed = tqdm(pool.map(probe, names), total=len(names), desc=f"probe {folder}", unit="video",
-                          disable=not progress)
-            for name, result in zip(names, probed):
-                if isinstance(result, str):
-                    self.skipped.append({"video": name, "reason": result})
-                else:
-                    self.names.append(name)
-                    shapes.append(result)
+            probed = tqdm(pool.map(probe, todo), total=len(todo), desc=f"probe {folder}", unit="video",
+                          disable=not progress or not todo)
+            outcomes.update(zip(todo, probed))
+        if index and write_index and todo:
+            write_json(index, {"settings": settings,
+                                "videos": {n: {"stat": stats[n], "outcome": outcomes[n]} for n in names}})
+
+        self.names, shapes, self.skipped = [], [], []
+        for name in names:
+            if isinstance(outcomes[name], str):
+                self.skipped.append({"video": name, "reason": outcomes[name]})
+            else:
+                self.names.append(name)
+                shapes.append(outcomes[name])
         for entry in self.skipped:
             logging.warning("data: left out %s: %s", entry["video"], entry["reason"])
         if not self.names:
@@ -360,13 +378,28 @@ class VideoFileSource:
         return video
 
 
-def make_source(config: DataConfig, seed: int = 0, prepare=None):
-    """The source `config.source` names; "videos" decodes with `prepare` (a PrepareConfig: fps and buckets)."""
+def _read_video_index(path: str, settings: dict) -> dict:
+    """The entries of a video index written under the same prepare `settings` ({} if none, or other settings)."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"data.video_index: {path} is not a readable index ({e}); delete it to probe "
+                         f"again") from None
+    return index.get("videos", {}) if index.get("settings") == settings else {}
+
+
+def make_source(config: DataConfig, seed: int = 0, prepare=None, process_index: int = 0):
+    """The source `config.source` names; "videos" decodes with `prepare` (a PrepareConfig: fps and buckets), and
+    only process 0 updates its `video_index`."""
     if config.source == "videos":
         if prepare is None:
             raise ValueError("data.prepare: the videos source decodes with data.prepare's fps and buckets; pass "
                              "config.data with its prepare section")
-        return VideoFileSource(config.path, prepare, threads=config.read_threads)
+        return VideoFileSource(config.path, prepare, threads=config.read_threads, index=config.video_index,
+                               write_index=process_index == 0)
     if config.source == "random":
         return RandomClipSource(config.random_records, config.random_latent_shapes, config.spec, seed,
                                 config.latent_dtype, config.text_dtype)
@@ -504,7 +537,7 @@ def make_dataset(config: "DataConfig | Mapping[str, Any]", process_index: int, p
     """The Grain IterDataset of this process's batches (see the module docstring); `source` overrides config's."""
     prepare = _prepare_section(config)
     config = DataConfig.from_config(config)
-    source = make_source(config, seed, prepare) if source is None else source
+    source = make_source(config, seed, prepare, process_index) if source is None else source
     if isinstance(source, VideoFileSource):
         shapes, load = source.video_shapes(), LoadVideoBatch(source)
     else:

@@ -205,6 +205,8 @@ class ShardWriter:
 
 
 def write_json(path: str, value):
+    """Write JSON to a temporary file, then rename it over `path`: readers never see half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=1)
