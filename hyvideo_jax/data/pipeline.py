@@ -334,9 +334,13 @@ class VideoFileSource:
             except SkipVideo as e:
                 return str(e)
 
+        def file_stat(name):
+            stat = os.stat(os.path.join(folder, name))
+            return [stat.st_size, stat.st_mtime_ns]
+
         settings = {"fps": prepare.fps, "buckets": [list(b) for b in prepare.buckets]}
         known = _read_video_index(index, settings) if index else {}
-        stats = {n: (lambda st: [st.st_size, st.st_mtime_ns])(os.stat(os.path.join(folder, n))) for n in names}
+        stats = {n: file_stat(n) for n in names}
         outcomes = {n: known[n]["outcome"] for n in names if n in known and known[n]["stat"] == stats[n]}
         todo = [n for n in names if n not in outcomes]
         if outcomes:
