@@ -102,8 +102,14 @@ def get_config():
     # train it, the distilled guidance input sampled from 1-8 as in the paper's cfg distillation.
     config.flow = ml_collections.ConfigDict(dict(
         sigma_density="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, shift=1.0,
-        shift_base_tokens=0, loss_weighting="none", guidance=6.0, guidance_range=(1.0, 8.0), sampling_steps=50,
-        sampling_shift=7.0))
+        shift_base_tokens=0, loss_weighting="none", guidance=6.0, guidance_range=(1.0, 8.0)))
+    # Sampling as the released pipelines (reference section 4.3): 720p x 129 frames at 24 fps, 50 steps, shift 7
+    # (17 below 20 steps), embedded guidance 6.0, no true CFG.
+    config.sample = ml_collections.ConfigDict(dict(
+        height=720, width=1280, frames=129, steps=50, shift=7.0, guidance=6.0, true_cfg_scale=1.0,
+        negative_prompt="Aerial view, aerial view, overexposed, low quality, deformation, a poor composition, bad "
+                        "hands, bad teeth, bad eyes, bad limbs, distortion",
+        videos_per_prompt=1, batch_size=0, seed=0, fps=24.0, use_ema=True, progress=True))
     config.train = ml_collections.ConfigDict(dict(
         objective="flow", num_steps=10_000, learning_rate=1e-5, lr_schedule="cosine", warmup_steps=500,
         final_lr_fraction=0.1, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,

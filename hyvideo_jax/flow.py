@@ -38,7 +38,7 @@ class FlowConfig:
     """The `config.flow` section (see the module docstring).
 
     `guidance_range` (lo, hi) samples the embedded guidance scale uniformly per sample (cfg distillation); an
-    empty range uses the constant `guidance`. `sampling_steps` and `sampling_shift` are the sampler's schedule.
+    empty range uses the constant `guidance`. (The sampler's steps, shift and guidance are `config.sample`.)
     """
     sigma_density: str = "logit_normal"
     logit_mean: float = 0.0
@@ -49,8 +49,6 @@ class FlowConfig:
     loss_weighting: str = "none"
     guidance: float = 1.0
     guidance_range: tuple[float, ...] = ()
-    sampling_steps: int = 50
-    sampling_shift: float = 7.0
 
     def __post_init__(self):
         object.__setattr__(self, "guidance_range", tuple(float(g) for g in self.guidance_range))
@@ -66,13 +64,10 @@ class FlowConfig:
             fail("loss_weighting", f"must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if not self.logit_std > 0:
             fail("logit_std", f"must be positive, got {self.logit_std}")
-        for f in ("shift", "sampling_shift"):
-            if not getattr(self, f) > 0:
-                fail(f, f"must be positive, got {getattr(self, f)}")
+        if not self.shift > 0:
+            fail("shift", f"must be positive, got {self.shift}")
         if self.shift_base_tokens < 0:
             fail("shift_base_tokens", f"must be >= 0 (0: no resolution-dependent shift), got {self.shift_base_tokens}")
-        if self.sampling_steps < 1:
-            fail("sampling_steps", f"must be >= 1, got {self.sampling_steps}")
         # The mode density maps [0, 1] onto itself monotonically only for scales in this range.
         if not -1.0 <= self.mode_scale <= 2.0 / (math.pi - 2.0):
             fail("mode_scale", f"must be in [-1, {2 / (math.pi - 2):.4f}] for a monotone map, got {self.mode_scale}")

@@ -42,7 +42,7 @@ import numpy as np
 
 from hyvideo_jax import flow
 from hyvideo_jax.config_fields import from_fields
-from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT
+from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT, example_inputs
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
 from hyvideo_jax.parallel.sharding import abstract_params, param_shardings, place_params
 
@@ -275,3 +275,314 @@ def denoise(model: HunyuanVideoDiT, params, latents, text_states, text_mask, poo
         return _REPORTER.run(steps, run, *args) if progress else run(*args)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return _REPORTER.run(steps, run, *args) if progress else run(*args)
+
+
+# --------------------------------------------------------------------------------------------------- weights
+def _with_runtime(source: DiTConfig, run: DiTConfig) -> DiTConfig:
+    """The architecture (and stored dtype) of `source`, run as `run` says; no remat at inference."""
+    return dataclasses.replace(source, remat_policy="none", **{f: getattr(run, f) for f in RUNTIME_FIELDS})
+
+
+def _param_targets(cfg: DiTConfig, mesh, rules):
+    """(ShapeDtypeStructs with the rules' shardings on `mesh`, the shardings) of the DiT's parameters."""
+    boxed = abstract_params(HunyuanVideoDiT(cfg), *example_inputs(cfg))
+    shardings = param_shardings(boxed, mesh, rules)
+    targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
+                           shardings)
+    return targets, shardings
+
+
+def training_params(workdir, targets, *, step: int | None = None, use_ema: bool = True):
+    """(params restored onto `targets`' shardings, description) from a training run's Orbax checkpoints: the EMA
+    parameters when the run kept them (and `use_ema`), else the parameters; only that part is read."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.exists():
+        raise FileNotFoundError(f"{workdir} has no checkpoints/ folder: is it a training workdir?")
+    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise ValueError(f"{directory} has no checkpoint of step {step}; it has steps {sorted(steps)}")
+        stored = manager.item_metadata(step)["state"]
+        stored = getattr(stored, "tree", stored) or {}
+        key = "ema_params" if use_ema and isinstance(stored.get("ema_params"), Mapping) and stored["ema_params"] \
+            else "params"
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={key: targets}, restore_args={key: ocp.checkpoint_utils.construct_restore_args(targets)},
+            partial_restore=True)))
+    finally:
+        manager.close()
+    return restored["state"][key], f"{workdir} step {step} ({'EMA' if key == 'ema_params' else 'raw'} parameters)"
+
+
+def load_dit(config, *, workdir=None, step: int | None = None, checkpoint=None, torch_weights=None,
+             use_ema: bool = True, mesh, rules=LOGICAL_AXIS_RULES):
+    """(DiTConfig, params placed on `mesh` by the rules table, description) from exactly one source: a training
+    `workdir` (architecture from `config.model`), a `checkpoint` folder written by `convert to-flax`, or PyTorch
+    `torch_weights` (official `.pt`, `*_fp8.pt`, diffusers folder, safetensors); the last two bring their own
+    architecture and stored dtype, and `config.model` says how to run it (dtype, attention, sequence parallelism)."""
+    given = {k: v for k, v in dict(workdir=workdir, checkpoint=checkpoint, torch_weights=torch_weights).items() if v}
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of workdir, checkpoint, torch_weights; got {sorted(given) or 'none'}")
+    run = DiTConfig.from_config(config.model)
+    if workdir:
+        cfg = _with_runtime(run, run)
+        targets, _ = _param_targets(cfg, mesh, rules)
+        params, description = training_params(workdir, targets, step=step, use_ema=use_ema)
+        return cfg, params, description
+    if checkpoint:
+        from hyvideo_jax.convert.flax_io import load_flax_model, read_flax_config
+        cfg = _with_runtime(DiTConfig.from_config(read_flax_config(checkpoint, kind="dit")), run)
+        targets, _ = _param_targets(cfg, mesh, rules)
+        _, params = load_flax_model(checkpoint, kind="dit", target=targets)
+        return cfg, params, f"converted folder {checkpoint}"
+    from hyvideo_jax.convert import load_torch_dit
+    source_cfg, host_params = load_torch_dit(torch_weights)
+    cfg = _with_runtime(source_cfg, run)
+    _, shardings = _param_targets(cfg, mesh, rules)
+    return cfg, place_params(host_params, shardings), f"PyTorch weights {torch_weights}"
+
+
+# --------------------------------------------------------------------------------------------------- prompts → video
+class SampleResult(NamedTuple):
+    """Videos in prompt-major order (prompt i's videos, then prompt i + 1's) with the prompt and seed of each."""
+    videos: np.ndarray    # uint8 [N, F, H, W, 3]
+    latents: np.ndarray   # float32 [N, T, h, w, C], the denoised (scaled) latents
+    prompts: list[str]
+    seeds: list[int]
+    seconds: dict[str, float]
+
+
+def video_frames(decoded):
+    """uint8 frames from decoded video in [-1, 1] (as diffusers' video processor: (x / 2 + 0.5) clipped, × 255,
+    rounded)."""
+    return jnp.round(jnp.clip(decoded.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+class Sampler:
+    """The DiT, the VAE and the text encoders of a config, on one mesh; `generate(prompts)` makes videos.
+
+    Built by `from_config` from any weight source (`load_dit`); the VAE is `vae_weights` or, as `data.prepare`
+    uses it, `data.prepare.vae_checkpoint` (random weights from `data.prepare.vae_seed` when empty).
+    """
+
+    def __init__(self, config: SampleConfig, dit_config: DiTConfig, dit_params, vae_config, vae_params, text, mesh,
+                 rules=LOGICAL_AXIS_RULES, description: str = ""):
+        from hyvideo_jax.models.vae import HunyuanVideoVAE
+        from hyvideo_jax.models.vae_tiling import decode_latents
+        from hyvideo_jax.parallel.sharding import replicated
+
+        self.config, self.dit_config, self.vae_config = config, dit_config, vae_config
+        self.model = HunyuanVideoDiT(dit_config)
+        self.params, self.text, self.mesh, self.rules = dit_params, text, mesh, rules
+        self.description = description
+        self.vae_params = jax.device_put(vae_params, replicated(mesh))
+        vae = HunyuanVideoVAE(vae_config)
+        self._decode = jax.jit(lambda p, z: video_frames(decode_latents(vae, p, z)))
+
+    @classmethod
+    def from_config(cls, config, *, workdir=None, step: int | None = None, checkpoint=None, torch_weights=None,
+                    vae_weights: str | None = None, mesh=None, text=None, rules=LOGICAL_AXIS_RULES) -> "Sampler":
+        """Everything `generate` needs, from a full config (model, text, vae, data.prepare, mesh, sample)."""
+        from hyvideo_jax.convert.vae import load_vae
+        from hyvideo_jax.data.prepare import PrepareConfig
+        from hyvideo_jax.parallel.mesh import create_mesh
+        from hyvideo_jax.text import TextEncoders
+
+        sample_config = SampleConfig.from_config(config.sample)
+        mesh = create_mesh(config.mesh) if mesh is None else mesh
+        dit_config, params, description = load_dit(config, workdir=workdir, step=step, checkpoint=checkpoint,
+                                                   torch_weights=torch_weights, use_ema=sample_config.use_ema,
+                                                   mesh=mesh, rules=rules)
+        prepare = PrepareConfig.from_config(config.data.prepare)
+        vae_config, vae_params = load_vae(vae_weights or prepare.vae_checkpoint, config.vae.model, prepare.vae_seed)
+        if vae_config.latent_channels != dit_config.in_channels:
+            raise ValueError(f"the VAE has {vae_config.latent_channels} latent channels, the transformer "
+                             f"{dit_config.in_channels} input channels")
+        text = TextEncoders.from_config(config.text, mesh=mesh) if text is None else text
+        return cls(sample_config, dit_config, params, vae_config, vae_params, text, mesh, rules, description)
+
+    def noise(self, seeds: Sequence[int], latent: Sequence[int]) -> jax.Array:
+        """Initial latents [N, *latent] (fp32): video n from PRNGKey(seeds[n]) alone."""
+        return jnp.stack([jax.random.normal(jax.random.PRNGKey(int(s)), tuple(latent), jnp.float32) for s in seeds])
+
+    def decode(self, latents) -> np.ndarray:
+        """uint8 frames [N, F, H, W, 3] from scaled latents [N, T, h, w, C], tiled as the VAE config says."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return np.concatenate([np.asarray(self._decode(self.vae_params, latents[i:i + 1]))
+                                   for i in range(latents.shape[0])])
+
+    def generate(self, prompts: str | Sequence[str], *, negative_prompt: str | None = None,
+                 seeds: Sequence[int] | None = None, **overrides) -> SampleResult:
+        """Videos for `prompts` (`config.videos_per_prompt` each); `overrides` replace `SampleConfig` fields for
+        this call (e.g. steps=30). `negative_prompt` (default `config.negative_prompt`) is used when
+        `true_cfg_scale` > 1. `seeds`: one per video (default `config.seed` + n)."""
+        sc = dataclasses.replace(self.config, **overrides) if overrides else self.config
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        latent = latent_shape(sc.frames, sc.height, sc.width, self.dit_config, self.vae_config)
+        check_sequence_split(self.dit_config, latent, self.mesh)
+        if sc.guidance and not self.dit_config.guidance_embed:
+            raise ValueError(f"guidance {sc.guidance} given, but this model has no guidance embedding: set "
+                             f"--guidance=0 (sample.guidance)")
+        n = len(prompts) * sc.videos_per_prompt
+        seeds = [sc.seed + i for i in range(n)] if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} videos ({len(prompts)} prompts × {sc.videos_per_prompt})")
+        seconds = {}
+        start = time.perf_counter()
+        mode = "video" if sc.frames > 1 else "image"
+        states, mask, pooled = (np.repeat(np.asarray(a), sc.videos_per_prompt, axis=0)
+                                for a in self.text.encode_prompts(prompts, mode=mode))
+        negative = None
+        if sc.true_cfg_scale > 1:
+            text = sc.negative_prompt if negative_prompt is None else negative_prompt
+            negative = tuple(np.asarray(a) for a in self.text.encode_prompts([text], mode=mode))
+        elif negative_prompt:
+            warnings.warn("negative_prompt is ignored with true_cfg_scale 1 (set true_cfg_scale > 1 to use it)")
+        seconds["text"] = time.perf_counter() - start
+        guidance = sc.guidance if self.dit_config.guidance_embed else None
+        batch = sc.batch_size or n
+        latents, start = [], time.perf_counter()
+        for first in range(0, n, batch):
+            rows = list(range(first, min(first + batch, n)))
+            rows += [rows[-1]] * (batch - len(rows))   # the last batch padded: one program for every batch
+            noise = self.noise([seeds[r] for r in rows], latent)
+            out = denoise(self.model, self.params, noise, states[rows], mask[rows], pooled[rows], steps=sc.steps,
+                          shift=sc.shift, guidance=guidance, negative=negative, true_cfg_scale=sc.true_cfg_scale,
+                          progress=sc.progress, mesh=self.mesh, rules=self.rules)
+            latents.append(np.asarray(out)[:min(batch, n - first)])
+        latents = np.concatenate(latents)
+        seconds["denoise"] = time.perf_counter() - start
+        start = time.perf_counter()
+        videos = self.decode(latents)
+        seconds["decode"] = time.perf_counter() - start
+        return SampleResult(videos, latents, [p for p in prompts for _ in range(sc.videos_per_prompt)], seeds,
+                            seconds)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+SAMPLE_FLAGS = ("height", "width", "frames", "steps", "shift", "guidance", "true_cfg_scale", "seed", "fps",
+                "negative_prompt", "videos_per_prompt", "batch_size")
+
+
+def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
+    """--prompt values, then the non-empty lines of --prompts_file (which may be a gs:// path)."""
+    out = [p for p in prompts or []]
+    if prompts_file:
+        from etils import epath
+        out += [line.strip() for line in epath.Path(prompts_file).read_text().splitlines() if line.strip()]
+    if not out:
+        raise ValueError("no prompt: give --prompt (repeatable) or --prompts_file")
+    return out
+
+
+def output_paths(out: str, n: int) -> list[str]:
+    """`out` for one video; `stem_000.mp4`, `stem_001.mp4`, ... beside it for several."""
+    if not out.endswith(".mp4"):
+        raise ValueError(f"--out must name an .mp4 file, got {out!r}")
+    return [out] if n == 1 else [f"{out[:-4]}_{i:03d}.mp4" for i in range(n)]
+
+
+def write_outputs(result: SampleResult, out: str, fps: float, save_latents: bool) -> list[str]:
+    """mp4s (and latents as .npy) for every video of `result`; with several videos, also `stem.jsonl` listing each
+    file with its prompt and seed. Returns the mp4 paths."""
+    import io
+
+    from etils import epath
+
+    from hyvideo_jax.data.synthetic import write_mp4
+    paths = output_paths(out, len(result.videos))
+    epath.Path(paths[0]).parent.mkdir(parents=True, exist_ok=True)
+    index = []
+    for path, video, latents, prompt, seed in zip(paths, result.videos, result.latents, result.prompts,
+                                                  result.seeds):
+        write_mp4(path, video, fps)
+        if save_latents:
+            buffer = io.BytesIO()
+            np.save(buffer, latents)
+            epath.Path(path[:-4] + ".npy").write_bytes(buffer.getvalue())
+        index.append({"file": os.path.basename(path), "prompt": prompt, "seed": seed})
+    if len(paths) > 1:
+        epath.Path(out[:-4] + ".jsonl").write_text("".join(json.dumps(row) + "\n" for row in index))
+    return paths
+
+
+def main(argv):
+    from absl import app, flags
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    config = f.config
+    try:
+        with config.unlocked():
+            for name in SAMPLE_FLAGS:
+                if getattr(f, name) is not None:
+                    config.sample[name] = getattr(f, name)
+            if f.raw_params:
+                config.sample.use_ema = False
+        SampleConfig.from_config(config.sample)
+        prompts = read_prompts(f.prompt, f.prompts_file)
+        paths = output_paths(f.out, len(prompts) * config.sample.videos_per_prompt)
+        sampler = Sampler.from_config(config, workdir=f.workdir, step=f.step, checkpoint=f.checkpoint,
+                                      torch_weights=f.torch_weights, vae_weights=f.vae_weights)
+        print(f"weights: {sampler.description}", file=sys.stderr)
+        result = sampler.generate(prompts)
+        paths = write_outputs(result, f.out, sampler.config.fps, f.save_latents)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sc, times = sampler.config, result.seconds
+    print(f"{len(paths)} video(s) of {sc.frames} frames at {sc.height}x{sc.width}, {sc.fps:g} fps, {sc.steps} steps: "
+          f"text {times['text']:.1f} s, denoise {times['denoise']:.1f} s, decode {times['decode']:.1f} s",
+          file=sys.stderr)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Configuration (configs/*.py): model, text, vae, mesh, sample.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "A training workdir: its latest (or --step) checkpoint, EMA if kept.")
+    flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (default: the latest).")
+    flags.DEFINE_bool("raw_params", False, "With --workdir: the raw parameters even when the run kept an EMA.")
+    flags.DEFINE_string("checkpoint", None, "A folder written by `python -m hyvideo_jax.convert to-flax`.")
+    flags.DEFINE_string("torch_weights", None, "PyTorch transformer weights: official .pt (fp8 too) or diffusers.")
+    flags.DEFINE_string("vae_weights", None, "VAE weights (converted folder or PyTorch); default: "
+                        "data.prepare.vae_checkpoint, else random weights from data.prepare.vae_seed.")
+    flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for several).")
+    flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
+    flags.DEFINE_string("out", "video.mp4", "Output .mp4 (several videos: stem_000.mp4, ... and stem.jsonl).")
+    flags.DEFINE_bool("save_latents", False, "Also write each video's denoised latents as .npy beside it.")
+    flags.DEFINE_integer("height", None, "Video height in pixels (sample.height).")
+    flags.DEFINE_integer("width", None, "Video width in pixels (sample.width).")
+    flags.DEFINE_integer("frames", None, "Frames, 4k+1 (sample.frames).")
+    flags.DEFINE_integer("steps", None, "Denoising steps (sample.steps).")
+    flags.DEFINE_float("shift", None, "σ-schedule shift (sample.shift; 7 for 50 steps, 17 below 20).")
+    flags.DEFINE_float("guidance", None, "Embedded guidance scale (sample.guidance; 0 for models without it).")
+    flags.DEFINE_float("true_cfg_scale", None, "True CFG scale against --negative_prompt (sample.true_cfg_scale).")
+    flags.DEFINE_string("negative_prompt", None, "Negative prompt for true CFG (sample.negative_prompt).")
+    flags.DEFINE_integer("videos_per_prompt", None, "Videos per prompt (sample.videos_per_prompt).")
+    flags.DEFINE_integer("batch_size", None, "Videos per denoising program (sample.batch_size; 0: all).")
+    flags.DEFINE_integer("seed", None, "Seed of the first video; video n uses seed + n (sample.seed).")
+    flags.DEFINE_float("fps", None, "Frames per second of the mp4 (sample.fps).")
+    flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    from absl import app
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

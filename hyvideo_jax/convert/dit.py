@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from hyvideo_jax.convert.dit_layouts import DiffusersAsOfficial, detect_layout, official_to_diffusers
 from hyvideo_jax.convert.torch_io import TensorSource, require_torch, to_numpy, to_torch, write_safetensors_folder
-from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT
+from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT, example_inputs
 
 Path = tuple[str, ...]
 
@@ -165,14 +165,8 @@ def conversion_groups(cfg: DiTConfig) -> list[_Group]:
 def param_shapes(cfg: DiTConfig) -> dict:
     """Our parameter tree as ShapeDtypeStructs (no allocation), for a config."""
     import flax.linen as nn
-    import jax.numpy as jnp
     model = HunyuanVideoDiT(cfg)
-    p = cfg.patch_size
-    b, t, h, w = 1, cfg.patch_size_t, p, p
-    args = (jnp.zeros((b, t, h, w, cfg.in_channels)), jnp.zeros((b,)), jnp.zeros((b, 1, cfg.text_states_dim)),
-            jnp.ones((b, 1), jnp.int32), jnp.zeros((b, cfg.pooled_text_dim)),
-            jnp.zeros((b,)) if cfg.guidance_embed else None)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example_inputs(cfg)))
     return nn.unbox(shapes)["params"]
 
 

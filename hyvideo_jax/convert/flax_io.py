@@ -27,9 +27,8 @@ def is_flax_model(folder) -> bool:
     return os.path.isdir(os.path.join(folder, "params")) and os.path.exists(os.path.join(folder, "config.json"))
 
 
-def load_flax_model(folder, kind: str | None = None, target=None) -> tuple[dict[str, Any], Any]:
-    """(config dict, params) from a folder written by `save_flax_model`. `target` (a tree of ShapeDtypeStructs
-    with shardings) restores directly onto devices; without it the arrays come back as NumPy."""
+def read_flax_config(folder, kind: str | None = None) -> dict[str, Any]:
+    """The model config dict of a folder written by `save_flax_model` (checking its kind), without the params."""
     folder = os.path.abspath(os.fspath(folder))
     if not is_flax_model(folder):
         raise FileNotFoundError(f"{folder} is not a converted model folder (expected config.json and params/)")
@@ -37,6 +36,13 @@ def load_flax_model(folder, kind: str | None = None, target=None) -> tuple[dict[
         meta = json.load(f)
     if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{folder} holds a {meta.get('kind')!r} model, expected {kind!r}")
+    return meta["model"]
+
+
+def load_flax_model(folder, kind: str | None = None, target=None) -> tuple[dict[str, Any], Any]:
+    """(config dict, params) from a folder written by `save_flax_model`. `target` (a tree of ShapeDtypeStructs
+    with shardings) restores directly onto devices; without it the arrays come back as NumPy."""
+    config = read_flax_config(folder, kind)
     with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore(os.path.join(folder, "params"), target)
-    return meta["model"], params
+        params = ckpt.restore(os.path.join(os.path.abspath(os.fspath(folder)), "params"), target)
+    return config, params

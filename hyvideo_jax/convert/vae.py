@@ -241,3 +241,22 @@ def save_torch_vae(config: VAEConfig, params, path: str, layout: str = "diffuser
     else:
         raise ValueError(f"layout must be 'diffusers' or 'official', got {layout!r}")
     return path
+
+
+def load_vae(source: str = "", config: VAEConfig | Mapping | None = None, seed: int = 0) -> tuple[VAEConfig, dict]:
+    """(config, params) of the VAE to run: from a folder written by `python -m hyvideo_jax.convert` (kind "vae"),
+    from PyTorch weights (`load_torch_vae`), or, with `source` empty, random weights drawn from `seed` for `config`
+    (what the offline demo prepares its clips with, so its samples decode with the same VAE)."""
+    from hyvideo_jax.convert.flax_io import is_flax_model, load_flax_model
+    from hyvideo_jax.models.vae import init_params
+    if not source:
+        config = VAEConfig.from_config(config if config is not None else VAEConfig())
+        # jitted: tracing the VAE's init once compiled is faster than running it op by op
+        return config, jax.jit(lambda key: init_params(config, key))(jax.random.PRNGKey(seed))
+    if is_flax_model(source):
+        saved, params = load_flax_model(source, kind="vae")
+        return VAEConfig.from_config(saved), params
+    if not os.path.exists(os.fspath(source)):
+        raise FileNotFoundError(f"VAE weights {source} do not exist (expected a converted folder, a diffusers or "
+                                f"official folder, or a .pt / .safetensors file)")
+    return load_torch_vae(source, config=None)

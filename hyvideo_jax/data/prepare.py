@@ -220,21 +220,15 @@ class ClipEncoder:
     def __init__(self, config):
         import jax
 
-        from hyvideo_jax.models.vae import HunyuanVideoVAE, VAEConfig, init_params
+        from hyvideo_jax.convert.vae import load_vae
+        from hyvideo_jax.models.vae import HunyuanVideoVAE
         from hyvideo_jax.models.vae_tiling import encode_video
         from hyvideo_jax.text import TextEncoders
 
         prep = PrepareConfig.from_config(config.data.prepare)
         self.data = DataConfig.from_config(config.data)
         self.batch = prep.vae_batch_size
-        vae_config = VAEConfig.from_config(config.vae.model)
-        if prep.vae_checkpoint:
-            from hyvideo_jax.convert.flax_io import load_flax_model
-            saved, params = load_flax_model(prep.vae_checkpoint, kind="vae")
-            vae_config = VAEConfig.from_config(saved)
-        else:
-            # jitted: tracing the VAE's init once compiled is faster than running it op by op
-            params = jax.jit(lambda key: init_params(vae_config, key))(jax.random.PRNGKey(prep.vae_seed))
+        vae_config, params = load_vae(prep.vae_checkpoint, config.vae.model, prep.vae_seed)
         self.vae_config, self.vae_params = vae_config, params
         model = HunyuanVideoVAE(vae_config)
         self._encode_video = jax.jit(lambda p, v: encode_video(model, p, v))

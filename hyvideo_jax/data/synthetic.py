@@ -110,12 +110,19 @@ def render(scene: Scene, frames: int, height: int, width: int, offset: float = 0
 
 
 def write_mp4(path: str, video: np.ndarray, fps: float):
-    """Encode uint8 video [T, H, W, 3] (H, W even) as H.264 yuv420p at `fps`."""
+    """Encode uint8 video [T, H, W, 3] (H, W even) as H.264 yuv420p at `fps`; `path` may be a `gs://` URL."""
     import fractions
+    import io
 
     import av
+    from etils import epath
 
-    with av.open(path, mode="w") as container:
+    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+        raise ValueError(f"video must be uint8 [T, H, W, 3], got {video.dtype} {video.shape}")
+    if video.shape[1] % 2 or video.shape[2] % 2:
+        raise ValueError(f"H.264 (yuv420p) needs an even height and width, got {video.shape[1]}x{video.shape[2]}")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fractions.Fraction(fps).limit_denominator(1000))
         stream.height, stream.width = video.shape[1:3]
         stream.pix_fmt = "yuv420p"
@@ -125,6 +132,7 @@ def write_mp4(path: str, video: np.ndarray, fps: float):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def write_dataset(out: str, config: "SyntheticConfig | Mapping[str, Any]") -> str:

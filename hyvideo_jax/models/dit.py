@@ -124,6 +124,14 @@ def forward_flops(cfg: DiTConfig, image_tokens: int, text_tokens: int, batch: in
     return matmul, attention
 
 
+def example_inputs(cfg: DiTConfig, batch: int = 1, text_len: int = 1, image_tokens: int = 1) -> tuple:
+    """Zero inputs of the smallest valid shapes (`image_tokens` patches along the width), for `init` / `eval_shape`."""
+    p = cfg.patch_size
+    return (jnp.zeros((batch, cfg.patch_size_t, p, p * image_tokens, cfg.in_channels)), jnp.zeros((batch,)),
+            jnp.zeros((batch, text_len, cfg.text_states_dim)), jnp.ones((batch, text_len), jnp.int32),
+            jnp.zeros((batch, cfg.pooled_text_dim)), jnp.zeros((batch,)) if cfg.guidance_embed else None)
+
+
 def _qkv(x, cfg: DiTConfig, name: str, seq: str = "seq"):
     """Fused q|k|v projection [B, L, D] → three [B, L, H, Dh] (kernel [D, 3, H, Dh])."""
     qkv = dense((3, cfg.num_heads, cfg.head_dim), ("embed", None, "heads", "kv"), name=name,
