@@ -517,6 +517,36 @@ def write_outputs(result: SampleResult, out: str, fps: float, save_latents: bool
     return paths
 
 
+def run(config, *, prompts: Sequence[str] = (), prompts_file: str | None = None, out: str = "video.mp4",
+        workdir=None, step: int | None = None, checkpoint=None, torch_weights=None, vae_weights=None,
+        save_latents: bool = False, mesh=None) -> tuple[list[str], SampleResult, "Sampler"]:
+    """What the CLI does: check the request (sizes, prompts, output, mesh) before loading anything, load, generate,
+    write. Returns (mp4 paths, result, sampler); bad input raises ValueError / FileNotFoundError with a sentence."""
+    from hyvideo_jax.models.vae import VAEConfig
+    from hyvideo_jax.parallel.mesh import create_mesh
+
+    sc = SampleConfig.from_config(config.sample)
+    prompts = read_prompts(prompts, prompts_file)
+    output_paths(out, len(prompts) * sc.videos_per_prompt)
+    given = [name for name, v in (("--workdir", workdir), ("--checkpoint", checkpoint),
+                                  ("--torch_weights", torch_weights)) if v]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of --workdir, --checkpoint, --torch_weights; got {given or 'none'}")
+    dit = DiTConfig.from_config(config.model)
+    mesh = create_mesh(config.mesh) if mesh is None else mesh
+    if workdir:   # the config is the architecture: check the request against it before loading anything
+        latent = latent_shape(sc.frames, sc.height, sc.width, dit, VAEConfig.from_config(config.vae.model))
+        check_sequence_split(dit, latent, mesh)
+        if sc.guidance and not dit.guidance_embed:
+            raise ValueError(f"guidance {sc.guidance} given, but this model has no guidance embedding "
+                             f"(model.guidance_embed=False): set --guidance=0 (sample.guidance)")
+    sampler = Sampler.from_config(config, workdir=workdir, step=step, checkpoint=checkpoint,
+                                  torch_weights=torch_weights, vae_weights=vae_weights, mesh=mesh)
+    print(f"weights: {sampler.description}", file=sys.stderr)
+    result = sampler.generate(prompts)
+    return write_outputs(result, out, sc.fps, save_latents), result, sampler
+
+
 def main(argv):
     from absl import app, flags
     if len(argv) > 1:
@@ -525,19 +555,18 @@ def main(argv):
     config = f.config
     try:
         with config.unlocked():
+            if "sample" not in config:   # a config written before the section existed: the defaults
+                import ml_collections
+                config.sample = ml_collections.ConfigDict(dataclasses.asdict(SampleConfig()))
             for name in SAMPLE_FLAGS:
                 if getattr(f, name) is not None:
                     config.sample[name] = getattr(f, name)
             if f.raw_params:
                 config.sample.use_ema = False
-        SampleConfig.from_config(config.sample)
-        prompts = read_prompts(f.prompt, f.prompts_file)
-        paths = output_paths(f.out, len(prompts) * config.sample.videos_per_prompt)
-        sampler = Sampler.from_config(config, workdir=f.workdir, step=f.step, checkpoint=f.checkpoint,
-                                      torch_weights=f.torch_weights, vae_weights=f.vae_weights)
-        print(f"weights: {sampler.description}", file=sys.stderr)
-        result = sampler.generate(prompts)
-        paths = write_outputs(result, f.out, sampler.config.fps, f.save_latents)
+        paths, result, sampler = run(config, prompts=f.prompt, prompts_file=f.prompts_file, out=f.out,
+                                     workdir=f.workdir, step=f.step, checkpoint=f.checkpoint,
+                                     torch_weights=f.torch_weights, vae_weights=f.vae_weights,
+                                     save_latents=f.save_latents)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
