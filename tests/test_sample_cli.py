@@ -1,0 +1,135 @@
+"""The sampling CLI end to end on checkpoints the tests make (a training workdir with EMA, a converted folder), and
+its sentences for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import av
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from hyvideo_jax import sample, train
+from hyvideo_jax.convert.flax_io import save_flax_model
+from hyvideo_jax.models.dit import DiTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red square moves left", "a blue circle moves up"]
+
+
+def sample_config(**sample_fields):
+    config = tiny.get_config()
+    config.sample.steps = 2
+    config.sample.progress = False
+    config.sample.update(sample_fields)
+    return config
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A 2-step training run of the tiny model that keeps an EMA, and a converted folder of its raw parameters."""
+    root = tmp_path_factory.mktemp("sample_cli")
+    config = tiny.get_config()
+    config.train.num_steps = 2
+    config.train.ema_decay = 0.5
+    config.train.learning_rate = 0.05    # so that EMA and raw parameters differ clearly
+    config.data.random_latent_shapes = ((2, 4, 4),)
+    config.data.random_records = 8
+    workdir = str(root / "run")
+    state = jax.device_get(train.train_and_evaluate(config, workdir))
+    folder = save_flax_model(str(root / "converted"), "dit", DiTConfig.from_config(config.model).to_dict(),
+                             state.params)
+    return root, workdir, folder
+
+
+def read_mp4(path):
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return np.stack(frames), float(stream.average_rate)
+
+
+def test_cli_writes_videos_from_a_training_workdir(checkpoints):
+    """The real command line: two prompts × two videos, mp4s that read back with the right frames, size and fps,
+    latents and an index; each video reproducible on its own (seed per video, whatever else is in the batch)."""
+    root, workdir, _ = checkpoints
+    out = root / "cli" / "clip.mp4"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "hyvideo_jax.sample", "--config=configs/tiny.py", f"--workdir={workdir}",
+         f"--prompt={PROMPTS[0]}", f"--prompt={PROMPTS[1]}", "--videos_per_prompt=2", "--steps=2", "--fps=12",
+         "--seed=5", f"--out={out}", "--save_latents"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "EMA parameters" in proc.stderr
+    paths = proc.stdout.split()
+    assert paths == [str(root / "cli" / f"clip_{i:03d}.mp4") for i in range(4)]
+    index = [json.loads(line) for line in (root / "cli" / "clip.jsonl").read_text().splitlines()]
+    assert [(row["prompt"], row["seed"]) for row in index] == [(PROMPTS[0], 5), (PROMPTS[0], 6), (PROMPTS[1], 7),
+                                                               (PROMPTS[1], 8)]
+    for path in paths:
+        frames, fps = read_mp4(path)
+        assert frames.shape == (9, 32, 32, 3) and fps == 12.0
+    # Video 2 (prompt 1, seed 7) alone, in this process, with the same EMA parameters: the same latents.
+    sampler = sample.Sampler.from_config(sample_config(), workdir=workdir)
+    alone = sampler.generate([PROMPTS[1]], seeds=[7])
+    np.testing.assert_allclose(alone.latents[0], np.load(paths[2][:-4] + ".npy"), atol=1e-5)
+    # and the mp4 holds that video: H.264 (yuv420) is lossy on the random VAE's noisy frames, so compare its error
+    # to the one against another video of the call
+    frames = read_mp4(paths[2])[0].astype(np.float32)
+    own, other = (np.abs(frames - v).mean() for v in (alone.videos[0], read_mp4(paths[3])[0]))
+    print(f"mp4 against its video: mean error {own:.1f} levels; against another video {other:.1f}")
+    assert own < 0.5 * other
+
+
+def test_converted_folder_equals_the_workdirs_raw_parameters(checkpoints):
+    root, workdir, folder = checkpoints
+    config = sample_config()
+    paths, from_folder, _ = sample.run(config, prompts=PROMPTS[:1], checkpoint=folder, out=str(root / "f.mp4"))
+    assert paths == [str(root / "f.mp4")] and os.path.getsize(paths[0]) > 0
+    raw = sample.Sampler.from_config(sample_config(use_ema=False), workdir=workdir).generate(PROMPTS[:1])
+    ema = sample.Sampler.from_config(config, workdir=workdir).generate(PROMPTS[:1])
+    np.testing.assert_allclose(from_folder.latents, raw.latents, atol=1e-6)
+    assert np.abs(ema.latents - raw.latents).max() > 1e-3      # the EMA really is another set of parameters
+
+
+@pytest.mark.parametrize("fields,kwargs,message", [
+    (dict(frames=30), {}, r"frames must be 4k\+1 \(1, 5, 9, ...\), got 30; the nearest are 29 and 33"),
+    (dict(height=40), {}, r"height must be a multiple of 16 \(VAE ×8, patch 2\), got 40; the nearest are 32 and 48"),
+    (dict(colour="red"), {}, r"unknown sample config field\(s\) \['colour'\]"),
+    ({}, dict(model=dict(guidance_embed=False)), r"this model has no guidance embedding .* --guidance=0"),
+    ({}, dict(mesh=dict(ici=(1, 1, 8, 1))), r"12 image tokens .* sequence axis of size 8; sequence sizes that divide"),
+    ({}, dict(out="clip.avi"), r"--out must name an \.mp4 file"),
+    ({}, dict(prompts=[]), r"no prompt"),
+    ({}, dict(checkpoint="elsewhere"), r"exactly one of --workdir, --checkpoint, --torch_weights"),
+], ids=["frames", "height", "unknown-field", "guidance", "sequence-axis", "out", "no-prompt", "two-sources"])
+def test_bad_requests_are_named_before_loading(checkpoints, fields, kwargs, message):
+    _, workdir, _ = checkpoints
+    config = sample_config()
+    with config.unlocked():
+        config.sample.update(fields)
+        for section in ("model", "mesh"):
+            config[section].update(kwargs.pop(section, {}))
+    args = dict(dict(prompts=PROMPTS[:1], workdir=workdir, out="clip.mp4"), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        sample.run(config, **args)
+
+
+def test_long_prompt_warns_how_much_was_cut(checkpoints):
+    root, workdir, _ = checkpoints
+    long = "a red square moves left " * 3     # 72 bytes; the tiny text encoder keeps 32 tokens
+    with pytest.warns(UserWarning, match=r"prompt 0 has 73 tokens with its template end; the text encoder keeps 32, "
+                                         r"so this end was cut"):
+        sample.run(sample_config(), prompts=[long], workdir=workdir, out=str(root / "long.mp4"))
+
+
+def test_cli_exit_code_and_sentence_for_a_bad_size(checkpoints):
+    _, workdir, _ = checkpoints
+    proc = subprocess.run([sys.executable, "-m", "hyvideo_jax.sample", "--config=configs/tiny.py",
+                           f"--workdir={workdir}", "--prompt=x", "--frames=30"], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: frames must be 4k+1 (1, 5, 9, ...), got 30" in proc.stderr
