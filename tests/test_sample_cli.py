@@ -133,3 +133,29 @@ def test_cli_exit_code_and_sentence_for_a_bad_size(checkpoints):
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "error: frames must be 4k+1 (1, 5, 9, ...), got 30" in proc.stderr
+
+
+def test_pytorch_weights_directly(checkpoints):
+    """--torch_weights (a diffusers transformer folder) and --vae_weights (a diffusers VAE folder): the sampler runs
+    the converted transformer on the sampler's noise and text, and decodes with that VAE."""
+    import torch
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from hyvideo_jax.convert import load_torch_dit
+    from hyvideo_jax.models.dit import HunyuanVideoDiT
+    from tests.dit_reference import diffusers_dit
+    root, _, _ = checkpoints
+    diffusers_dit(seed=5).save_pretrained(root / "torch_dit")
+    torch.manual_seed(0)
+    AutoencoderKLHunyuanVideo(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, layers_per_block=1,
+                              latent_channels=4).save_pretrained(root / "torch_vae")
+    config = sample_config()
+    _, result, sampler = sample.run(config, prompts=PROMPTS[:1], torch_weights=str(root / "torch_dit"),
+                                    vae_weights=str(root / "torch_vae"), out=str(root / "t.mp4"))
+    assert sampler.description.startswith("PyTorch weights")
+    cfg, params = load_torch_dit(str(root / "torch_dit"), progress=False)
+    text = sampler.text.encode_prompts(PROMPTS[:1])
+    want = sample.denoise(HunyuanVideoDiT(cfg), params, sampler.noise([0], result.latents.shape[1:]), *text,
+                          steps=2, shift=7.0, guidance=6.0, progress=False)
+    np.testing.assert_allclose(result.latents, np.asarray(want), atol=1e-5)
+    assert os.path.getsize(root / "t.mp4") > 0
