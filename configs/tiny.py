@@ -97,9 +97,10 @@ def get_config():
     config.flow = ml_collections.ConfigDict(dict(
         sigma_density="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29, shift=1.0,
         shift_base_tokens=0, loss_weighting="none", guidance=1.0, guidance_range=()))
-    # Sampling (hyvideo_jax/sample.py): 9 frames at 32x32 pixels (latents 3 x 4 x 4, 12 image tokens).
+    # Sampling (hyvideo_jax/sample.py): 9 frames at 32x32 pixels (latents 3 x 4 x 4, 12 image tokens). A model
+    # trained from scratch here saw only the constant guidance input flow.guidance, so it samples with that.
     config.sample = ml_collections.ConfigDict(dict(
-        height=32, width=32, frames=9, steps=10, shift=7.0, guidance=6.0, true_cfg_scale=1.0, negative_prompt="",
+        height=32, width=32, frames=9, steps=10, shift=7.0, guidance=config.flow.guidance, true_cfg_scale=1.0, negative_prompt="",
         videos_per_prompt=1, batch_size=0, seed=0, fps=8.0, use_ema=True, progress=True))
     config.train = ml_collections.ConfigDict(dict(
         objective="flow", num_steps=20, learning_rate=1e-3, lr_schedule="constant", warmup_steps=0,

@@ -156,6 +156,7 @@ def test_pytorch_weights_directly(checkpoints):
     cfg, params = load_torch_dit(str(root / "torch_dit"), progress=False)
     text = sampler.text.encode_prompts(PROMPTS[:1])
     want = sample.denoise(HunyuanVideoDiT(cfg), params, sampler.noise([0], result.latents.shape[1:]), *text,
-                          steps=2, shift=7.0, guidance=6.0, progress=False)
+                          steps=2, shift=7.0, guidance=config.sample.guidance,
+                          progress=False)
     np.testing.assert_allclose(result.latents, np.asarray(want), atol=1e-5)
     assert os.path.getsize(root / "t.mp4") > 0
