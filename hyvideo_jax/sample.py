@@ -268,13 +268,25 @@ def denoise(model: HunyuanVideoDiT, params, latents, text_states, text_mask, poo
         length = max(cond[0].shape[1], negative[0].shape[1])
         cond, negative = _pad_text(cond, length), _pad_text(negative, length)
     sigmas = jnp.asarray(flow.sigma_schedule(steps, shift))
-    args = (params, latents, sigmas, cond, negative, embedded_guidance(guidance, b),
-            jnp.float32(true_cfg_scale))
+    inputs = (latents, cond, negative, embedded_guidance(guidance, b))
+    if mesh is not None:   # samples straight onto their devices (the model's 'batch' axes) rather than replicated
+        inputs = jax.device_put(inputs, _batch_sharding(mesh, rules, b))
+    args = (params, inputs[0], sigmas, *inputs[1:], jnp.float32(true_cfg_scale))
     run = functools.partial(_denoise_loop, model, progress=progress)
     if mesh is None:
         return _REPORTER.run(steps, run, *args) if progress else run(*args)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return _REPORTER.run(steps, run, *args) if progress else run(*args)
+
+
+def _batch_sharding(mesh, rules, batch: int):
+    """Arrays [B, ...] split over the mesh axes of the logical 'batch' axis when B divides over them, else
+    replicated (a single video on an FSDP mesh: the model's constraints still spread its work)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    spec = nn.logical_to_mesh_axes(("batch",), rules)
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
+    size = int(np.prod([dict(mesh.shape)[a] for a in axes])) if axes else 1
+    return NamedSharding(mesh, spec if batch % size == 0 else PartitionSpec())
 
 
 # --------------------------------------------------------------------------------------------------- weights
