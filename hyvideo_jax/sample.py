@@ -626,4 +626,4 @@ def define_flags():
 if __name__ == "__main__":
     from absl import app
     define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(main)

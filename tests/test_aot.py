@@ -1,16 +1,23 @@
-"""Ahead-of-time compilation of the train step for a TPU topology on this CPU machine (libtpu describes the chips)."""
+"""Ahead-of-time compilation of the train step, a denoising step and a VAE decode tile for a TPU topology on this CPU
+machine (libtpu describes the chips)."""
 
 import pytest
 
 from configs import hunyuan_video_13b, tiny
-from hyvideo_jax.aot import chip_kind, compile_train_step, count_collectives
+from hyvideo_jax.aot import (chip_kind, compile_sample_step, compile_train_step, compile_vae_decode_tile,
+                             count_collectives)
 from hyvideo_jax.models.dit import DiTConfig, forward_flops as dit_forward_flops
 
 
-def test_small_train_step_compiles_for_a_4_chip_v5p_with_splash():
+def small_splash_config():
     config = tiny.get_config()
     config.model.attention_backend = "splash"
     config.mesh.ici = (1, 2, 2, 1)   # FSDP 2 × sequence 2 (Ulysses: 4 heads over 2)
+    return config
+
+
+def test_small_train_step_compiles_for_a_4_chip_v5p_with_splash():
+    config = small_splash_config()
     report, flops = compile_train_step(config, "v5p:2x2x1", frames=5, height=64, width=64)
     print(report.table())
     assert report.mesh_shape == {"data": 1, "fsdp": 2, "sequence": 2, "tensor": 1}
@@ -21,6 +28,44 @@ def test_small_train_step_compiles_for_a_4_chip_v5p_with_splash():
     cfg = DiTConfig.from_config(config.model)
     matmul, attention = dit_forward_flops(cfg, 2 * 4 * 4, config.data.text_len, batch=2)
     assert flops["total"] == pytest.approx(3 * (matmul + attention))
+
+
+@pytest.mark.parametrize("true_cfg", [False, True], ids=["distilled", "true_cfg"])
+def test_small_sample_step_compiles_for_a_4_chip_v5p_with_splash(true_cfg):
+    config = small_splash_config()
+    report, flops = compile_sample_step(config, "v5p:2x2x1", frames=5, height=64, width=64, true_cfg=true_cfg)
+    print(report.table())
+    assert report.mesh_shape == {"data": 1, "fsdp": 2, "sequence": 2, "tensor": 1}
+    assert 0 < report.total_bytes < report.hbm_bytes
+    assert report.alias_bytes > 0                                  # the donated latents are updated in place
+    assert report.collectives.get("all-to-all", 0) > 0               # Ulysses sequence parallelism
+    assert report.collectives.get("all-gather", 0) > 0               # FSDP parameter gathers
+    # One row per FSDP group: 2 videos, or 1 video with its negative prompt under true CFG.
+    assert (flops["batch"], flops["rows"]) == ((1, 2) if true_cfg else (2, 2))
+    matmul, attention = dit_forward_flops(DiTConfig.from_config(config.model), 2 * 4 * 4, config.data.text_len, 2)
+    assert flops["total"] == pytest.approx(matmul + attention)
+
+
+def test_small_vae_decode_tile_compiles_for_a_4_chip_v5p():
+    config = tiny.get_config()   # tiles of 32 px and 8 frames: 64×64 px are cut into 3 × 3 tiles of 4×4 latents
+    report, vae = compile_vae_decode_tile(config, "v5p:2x2x1", frames=5, height=64, width=64)
+    print(report.table())
+    assert report.mesh_shape == {"data": 1, "fsdp": 1, "sequence": 4, "tensor": 1}   # tile rows over every chip
+    assert 0 < report.total_bytes < report.hbm_bytes
+    assert report.collectives.get("collective-permute", 0) > 0      # halo rows of the 3×3×3 convolutions
+    assert vae["tiles"] == 9 and (vae["tile_frames"], vae["tile_height"], vae["tile_width"]) == (5, 32, 32)
+    # Each chip decodes about a quarter of the tile (plus halo rows).
+    assert vae["tile_flops"] / 4 < report.xla_flops < vae["tile_flops"] / 2
+
+
+def test_sample_sizes_that_cannot_work_are_named():
+    config = small_splash_config()
+    with pytest.raises(ValueError, match="frames must be 4k\\+1, got 6"):
+        compile_sample_step(config, "v5p:2x2x1", frames=6, height=64, width=64)
+    with pytest.raises(ValueError, match="3 videos give 3 model rows, which do not fill the 2 data-parallel groups"):
+        compile_sample_step(config, "v5p:2x2x1", frames=5, height=64, width=64, batch=3)
+    with pytest.raises(ValueError, match="height and width must be multiples of 8, got 60x64"):
+        compile_vae_decode_tile(config, "v5p:2x2x1", frames=5, height=60, width=64)
 
 
 def test_flops_match_the_reference_figures_for_13b_at_720p():
