@@ -409,7 +409,7 @@ class Sampler:
         from hyvideo_jax.parallel.mesh import create_mesh
         from hyvideo_jax.text import TextEncoders
 
-        sample_config = SampleConfig.from_config(config.sample)
+        sample_config = SampleConfig.from_config(config.get("sample") or {})
         mesh = create_mesh(config.mesh) if mesh is None else mesh
         dit_config, params, description = load_dit(config, workdir=workdir, step=step, checkpoint=checkpoint,
                                                    torch_weights=torch_weights, use_ema=sample_config.use_ema,
@@ -537,7 +537,7 @@ def run(config, *, prompts: Sequence[str] = (), prompts_file: str | None = None,
     from hyvideo_jax.models.vae import VAEConfig
     from hyvideo_jax.parallel.mesh import create_mesh
 
-    sc = SampleConfig.from_config(config.sample)
+    sc = SampleConfig.from_config(config.get("sample") or {})
     prompts = read_prompts(prompts, prompts_file)
     output_paths(out, len(prompts) * sc.videos_per_prompt)
     given = [name for name, v in (("--workdir", workdir), ("--checkpoint", checkpoint),

@@ -160,3 +160,17 @@ def test_pytorch_weights_directly(checkpoints):
                           progress=False)
     np.testing.assert_allclose(result.latents, np.asarray(want), atol=1e-5)
     assert os.path.getsize(root / "t.mp4") > 0
+
+
+def test_batches_and_single_frames(checkpoints):
+    """Videos split into padded batches (batch_size 3 for 4 videos) equal one batch of 4; a 1-frame request (an
+    image, the image template) decodes to one frame."""
+    _, workdir, _ = checkpoints
+    sampler = sample.Sampler.from_config(sample_config(videos_per_prompt=2), workdir=workdir)
+    whole = sampler.generate(PROMPTS)
+    split = sampler.generate(PROMPTS, batch_size=3)
+    np.testing.assert_allclose(split.latents, whole.latents, atol=1e-5)
+    assert split.seeds == whole.seeds == [0, 1, 2, 3]
+    image = sampler.generate(PROMPTS[:1], frames=1)
+    assert image.videos.shape == (2, 1, 32, 32, 3) and image.latents.shape == (2, 1, 4, 4, 4)
+    assert np.abs(image.latents - whole.latents[:2, :1]).max() > 1e-3   # another template, another noise shape
