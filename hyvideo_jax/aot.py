@@ -7,7 +7,7 @@ compiles the full train step (forward, backward, AdamW update, EMA) for the topo
 describes the chips; nothing runs) and prints per-chip argument / temporary / output memory against the chip's
 HBM, the collectives in the optimized HLO, the model's FLOPs per step (counted from the config: XLA's cost analysis
 sees a scanned block once and nothing inside Pallas kernels) and the step time that FLOPs imply at a given MFU.
-With `--mode=sample` it compiles one denoising step (bf16 parameters as the config stores them, no remat; add
+With `--mode=sample` it compiles one denoising step (parameters stored in the compute dtype, no remat; add
 `--true_cfg` for the doubled batch of true classifier-free guidance) and one VAE decode tile instead, and prints
 the 50-step time those FLOPs imply next to published GPU times, and the VAE's FLOPs per tile and tiles per video.
 """
@@ -213,17 +213,19 @@ def compile_sample_step(config, topology: str, *, frames: int, height: int, widt
                         true_cfg: bool = False) -> tuple[AOTReport, dict[str, float]]:
     """AOT-compile one denoising step (`sample.denoise_step`: a DiT forward and the Euler update; with `true_cfg`
     the prompts and the negative prompts run as one batch of 2 × batch) of `config` for a TPU topology at a video
-    size in pixels. Parameters in model.param_dtype, placed by the rules table (FSDP); no remat; latents and text
-    split over the batch axes. `batch` (videos) defaults to one model row per data-parallel group (data × fsdp);
-    the rows must fill those groups, else chips would repeat each other's work. Returns the report and the model's
-    FLOPs per step (forward only: matmul / attention / total)."""
+    size in pixels. Parameters in the compute dtype (model.dtype), placed by the rules table (FSDP); no remat;
+    latents and text split over the batch axes. `batch` (videos) defaults to one model row per data-parallel group
+    (data × fsdp); the rows must fill those groups, else chips would repeat each other's work. Returns the report
+    and the model's FLOPs per step (forward only: matmul / attention / total)."""
     import flax.linen as nn
 
     from hyvideo_jax import sample, train
     from hyvideo_jax.models.dit import DiTConfig
     from hyvideo_jax.parallel.sharding import abstract_params, param_shardings
 
-    config = _aot_config(config, remat_policy="none")   # inference keeps no activations for a backward pass
+    # Inference keeps no activations for a backward pass, and its parameters in the compute dtype (the released
+    # weights are bf16; training keeps fp32 masters).
+    config = _aot_config(config, remat_policy="none", param_dtype=config.model.dtype)
     mesh = topology_mesh(topology, config.mesh)
     cfg = DiTConfig.from_config(config.model)
     latent, image_tokens = video_latent(cfg, mesh, frames, height, width)

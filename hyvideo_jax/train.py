@@ -209,11 +209,24 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
 
 
+# Weight decay applies to these parameters, chosen by name: rank says nothing once `nn.scan` stacks biases and norm
+# scales on a `layers` axis (and some biases have several axes outside scan too).
+DECAYED_PARAMETERS = ("kernel",)
+
+
+def decay_mask(params):
+    """True for the leaves of `params` (plain or boxed) whose name is in DECAYED_PARAMETERS."""
+    def decayed(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return bool(names) and names[-1] in DECAYED_PARAMETERS
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping + AdamW; weight decay applies to kernels (rank >= 2), not to biases or norm scales."""
+    """Global-norm clipping + AdamW (first moment kept in fp32; the second follows the fp32 master parameters);
+    weight decay on kernels only (`decay_mask`)."""
     adamw = optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                        weight_decay=config.weight_decay,
-                        mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+                        weight_decay=config.weight_decay, mu_dtype=jnp.float32, mask=decay_mask)
     if config.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
     return adamw
@@ -221,8 +234,9 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def _init_boxed(task: Task, tx, config: TrainConfig, mesh, rng) -> TrainState:
     params = task.model.init(rng, *task.example_inputs(mesh))["params"]   # nn.Partitioned leaves (logical axes)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=params if config.ema_decay > 0 else None, skipped=jnp.zeros((), jnp.int32))
+    ema = jax.tree.map(lambda p: p.astype(jnp.float32), params) if config.ema_decay > 0 else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema,
+                      skipped=jnp.zeros((), jnp.int32))
 
 
 def state_shardings(task: Task, tx, config: TrainConfig, mesh, rules=LOGICAL_AXIS_RULES):
@@ -262,27 +276,28 @@ def make_train_step(task: Task, tx, config: TrainConfig) -> Callable:
         rngs = jax.random.split(jax.random.fold_in(rng, state.step), b)
         grad_fn = jax.value_and_grad(task.objective, has_aux=True)
 
-        def micro_batch(carry, inputs):
+        def micro_batch(carry, inputs):   # accumulates in fp32, whatever the gradients' dtype
             (_, sums), grads = grad_fn(state.params, *inputs)
-            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+            return jax.tree.map(lambda c, g: c + g.astype(c.dtype), carry, (grads, sums)), None
         if k == 1:
             (_, sums), grads = grad_fn(state.params, batch, rngs)
         else:
             split = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1), (batch, rngs))
-            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32),
                                  jax.eval_shape(lambda: grad_fn(state.params, *jax.tree.map(lambda x: x[0], split))))
             (grads, sums), _ = jax.lax.scan(micro_batch, (zeros[1], zeros[0][1]), split)
         count = jnp.maximum(sums.pop("count"), 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
+        grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.params)
         metrics = {name: value / count for name, value in sums.items()}
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
-            ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1.0 - config.ema_decay) * p, ema, params)
+            ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1.0 - config.ema_decay) * p.astype(e.dtype),
+                               ema, params)
 
         def keep_if_finite(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -431,6 +446,17 @@ def validate_config(config) -> dict[str, Any]:
             raise ValueError(f"data.source: 'videos' gives pixels, which only the 'vae' objective trains on; "
                              f"train.objective is {train.objective!r}")
         sections.update(model=DiTConfig.from_config(config.model), flow=flow.FlowConfig.from_config(config.flow))
+        if sections["flow"].guidance_range:
+            raise ValueError(f"flow.guidance_range {sections['flow'].guidance_range}: the flow-matching target does "
+                             f"not depend on the embedded guidance, so sampling it per sample teaches the model to "
+                             f"ignore its guidance input; a range needs a distillation objective whose target comes "
+                             f"from a CFG teacher. Fine-tune with a constant flow.guidance (the community trainers "
+                             f"use 1.0) and guidance_range=()")
+    model_section = ("vae.model", sections["vae"]) if "vae" in sections else ("model", sections["model"])
+    if model_section[1].param_dtype != "float32":
+        raise ValueError(f"{model_section[0]}.param_dtype: training keeps fp32 master parameters (compute in "
+                         f"{model_section[0]}.dtype, e.g. bfloat16), so that small updates and the EMA are not "
+                         f"rounded away; bf16-stored parameters are for inference. Got {model_section[1].param_dtype!r}")
     batch = sections["data"].global_batch_size
     if batch % train.grad_accum_steps:
         raise ValueError(f"train.grad_accum_steps: {train.grad_accum_steps} does not divide "
