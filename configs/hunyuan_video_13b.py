@@ -115,5 +115,6 @@ def get_config():
         objective="flow", num_steps=10_000, learning_rate=1e-5, lr_schedule="cosine", warmup_steps=500,
         final_lr_fraction=0.1, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,
         grad_accum_steps=1, ema_decay=0.9999, log_every_steps=50, checkpoint_every_steps=500, keep_checkpoints=3,
-        async_checkpointing=True, profile_steps=0, peak_flops_per_device=0.0, initialize_distributed=True))
+        async_checkpointing=True, profile_steps=0, peak_flops_per_device=0.0, initialize_distributed=True,
+        init_from=""))   # pretrained: a `convert to-flax` folder, mp_rank_00_model_states.pt, a diffusers folder
     return config

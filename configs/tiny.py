@@ -100,11 +100,13 @@ def get_config():
     # Sampling (hyvideo_jax/sample.py): 9 frames at 32x32 pixels (latents 3 x 4 x 4, 12 image tokens). A model
     # trained from scratch here saw only the constant guidance input flow.guidance, so it samples with that.
     config.sample = ml_collections.ConfigDict(dict(
-        height=32, width=32, frames=9, steps=10, shift=7.0, guidance=config.flow.guidance, true_cfg_scale=1.0, negative_prompt="",
+        height=32, width=32, frames=9, steps=10, shift=7.0, guidance=config.flow.guidance, true_cfg_scale=1.0,
+        negative_prompt="",
         videos_per_prompt=1, batch_size=0, seed=0, fps=8.0, use_ema=True, progress=True))
     config.train = ml_collections.ConfigDict(dict(
         objective="flow", num_steps=20, learning_rate=1e-3, lr_schedule="constant", warmup_steps=0,
         final_lr_fraction=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,
         grad_accum_steps=1, ema_decay=0.0, log_every_steps=1, checkpoint_every_steps=10, keep_checkpoints=3,
-        async_checkpointing=True, profile_steps=0, peak_flops_per_device=0.0, initialize_distributed=False))
+        async_checkpointing=True, profile_steps=0, peak_flops_per_device=0.0, initialize_distributed=False,
+        init_from=""))
     return config

@@ -44,12 +44,7 @@ from hyvideo_jax import flow
 from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT, example_inputs
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
-from hyvideo_jax.parallel.sharding import abstract_params, param_shardings, place_params
-
-# Fields of the model config that say how to run it, not what it is: taken from the run's config when the weights
-# bring their own architecture (a converted folder, PyTorch weights).
-RUNTIME_FIELDS = ("dtype", "attention_backend", "sequence_parallel")
-
+from hyvideo_jax.parallel.sharding import param_targets, place_params
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
@@ -290,18 +285,9 @@ def _batch_sharding(mesh, rules, batch: int):
 
 
 # --------------------------------------------------------------------------------------------------- weights
-def _with_runtime(source: DiTConfig, run: DiTConfig) -> DiTConfig:
-    """The architecture (and stored dtype) of `source`, run as `run` says; no remat at inference."""
-    return dataclasses.replace(source, remat_policy="none", **{f: getattr(run, f) for f in RUNTIME_FIELDS})
-
-
 def _param_targets(cfg: DiTConfig, mesh, rules):
     """(ShapeDtypeStructs with the rules' shardings on `mesh`, the shardings) of the DiT's parameters."""
-    boxed = abstract_params(HunyuanVideoDiT(cfg), *example_inputs(cfg))
-    shardings = param_shardings(boxed, mesh, rules)
-    targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
-                           shardings)
-    return targets, shardings
+    return param_targets(HunyuanVideoDiT(cfg), example_inputs(cfg), mesh, rules)
 
 
 def training_params(workdir, targets, *, step: int | None = None, use_ema: bool = True):
@@ -344,23 +330,15 @@ def load_dit(config, *, workdir=None, step: int | None = None, checkpoint=None, 
     given = {k: v for k, v in dict(workdir=workdir, checkpoint=checkpoint, torch_weights=torch_weights).items() if v}
     if len(given) != 1:
         raise ValueError(f"give exactly one of workdir, checkpoint, torch_weights; got {sorted(given) or 'none'}")
-    run = DiTConfig.from_config(config.model)
+    run = dataclasses.replace(DiTConfig.from_config(config.model), remat_policy="none")   # nothing to recompute
     if workdir:
-        cfg = _with_runtime(run, run)
-        targets, _ = _param_targets(cfg, mesh, rules)
+        targets, _ = _param_targets(run, mesh, rules)
         params, description = training_params(workdir, targets, step=step, use_ema=use_ema)
-        return cfg, params, description
-    if checkpoint:
-        from hyvideo_jax.convert.flax_io import load_flax_model, read_flax_config
-        cfg = _with_runtime(DiTConfig.from_config(read_flax_config(checkpoint, kind="dit")), run)
-        targets, _ = _param_targets(cfg, mesh, rules)
-        _, params = load_flax_model(checkpoint, kind="dit", target=targets)
-        return cfg, params, f"converted folder {checkpoint}"
-    from hyvideo_jax.convert import load_torch_dit
-    source_cfg, host_params = load_torch_dit(torch_weights)
-    cfg = _with_runtime(source_cfg, run)
-    _, shardings = _param_targets(cfg, mesh, rules)
-    return cfg, place_params(host_params, shardings), f"PyTorch weights {torch_weights}"
+        return run, params, description
+    from hyvideo_jax.convert.dit import load_dit_sharded
+    source = checkpoint or torch_weights
+    cfg, params = load_dit_sharded(source, mesh, like=run, rules=rules)
+    return cfg, params, (f"converted folder {source}" if checkpoint else f"PyTorch weights {source}")
 
 
 # --------------------------------------------------------------------------------------------------- prompts → video

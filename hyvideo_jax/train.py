@@ -70,7 +70,9 @@ class TrainConfig:
     Learning rate: linear warmup from 0 over `warmup_steps`, then constant or cosine decay to
     `learning_rate · final_lr_fraction` at `num_steps`. `grad_clip_norm` 0 disables clipping, `ema_decay` 0 keeps
     no EMA parameters, `profile_steps` 0 runs no profiler. `checkpoint_every_steps` also bounds the work lost to a
-    crash; the last step is always saved.
+    crash; the last step is always saved. `init_from` starts a new run from pretrained transformer weights (a folder
+    written by `python -m hyvideo_jax.convert to-flax`, an official `.pt` or `*_fp8.pt`, a diffusers folder); the
+    workdir's own checkpoints take precedence when there are any.
     """
     objective: str = "flow"
     num_steps: int = 1000
@@ -92,6 +94,7 @@ class TrainConfig:
     profile_steps: int = 0
     peak_flops_per_device: float = 0.0
     initialize_distributed: bool = False
+    init_from: str = ""
 
     def __post_init__(self):
         self.validate()
@@ -260,6 +263,28 @@ def create_train_state(task: Task, tx, config: TrainConfig, mesh, rng, rules=LOG
             return nn.unbox(_init_boxed(task, tx, config, mesh, r))
     with jax.set_mesh(mesh):
         return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def state_from_params(task: Task, tx, config: TrainConfig, mesh, params, rules=LOGICAL_AXIS_RULES) -> TrainState:
+    """A fresh TrainState around given (placed) parameters: zero optimizer state, EMA starting from the same
+    weights (fp32), built on the mesh with the state's shardings."""
+    _, shardings = state_shardings(task, tx, config, mesh, rules)
+
+    def build(p):
+        ema = jax.tree.map(lambda x: x.astype(jnp.float32), p) if config.ema_decay > 0 else None
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), ema_params=ema,
+                          skipped=jnp.zeros((), jnp.int32))
+    with jax.set_mesh(mesh):
+        return jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+
+def pretrained_params(config, mesh, rules=LOGICAL_AXIS_RULES):
+    """`train.init_from`'s transformer weights, checked against `config.model` (same architecture, else an error
+    naming the fields), cast to its parameter dtype and placed on the mesh tensor by tensor."""
+    from hyvideo_jax.convert.dit import load_dit_sharded
+    source = TrainConfig.from_config(config.train).init_from
+    _, params = load_dit_sharded(source, mesh, like=DiTConfig.from_config(config.model), strict=True, rules=rules)
+    return params
 
 
 def make_train_step(task: Task, tx, config: TrainConfig) -> Callable:
@@ -452,11 +477,14 @@ def validate_config(config) -> dict[str, Any]:
                              f"ignore its guidance input; a range needs a distillation objective whose target comes "
                              f"from a CFG teacher. Fine-tune with a constant flow.guidance (the community trainers "
                              f"use 1.0) and guidance_range=()")
-    model_section = ("vae.model", sections["vae"]) if "vae" in sections else ("model", sections["model"])
-    if model_section[1].param_dtype != "float32":
-        raise ValueError(f"{model_section[0]}.param_dtype: training keeps fp32 master parameters (compute in "
-                         f"{model_section[0]}.dtype, e.g. bfloat16), so that small updates and the EMA are not "
-                         f"rounded away; bf16-stored parameters are for inference. Got {model_section[1].param_dtype!r}")
+    name, model = ("vae.model", sections["vae"]) if "vae" in sections else ("model", sections["model"])
+    if model.param_dtype != "float32":
+        raise ValueError(f"{name}.param_dtype: training keeps fp32 master parameters (compute in {name}.dtype, e.g. "
+                         f"bfloat16), so that small updates and the EMA are not rounded away; bf16-stored parameters "
+                         f"are for inference. Got {model.param_dtype!r}")
+    if train.init_from and train.objective != "flow":
+        raise ValueError(f"train.init_from: pretrained transformer weights start the 'flow' objective, not "
+                         f"{train.objective!r}")
     batch = sections["data"].global_batch_size
     if batch % train.grad_accum_steps:
         raise ValueError(f"train.grad_accum_steps: {train.grad_accum_steps} does not divide "
@@ -519,6 +547,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         state, data_state = restore_checkpoint(manager, abstract_state)
         iterator.set_state(data_state)
         logging.info("Resumed from step %d (mesh %s)", int(state.step), dict(mesh.shape))
+    elif train_config.init_from:
+        state = state_from_params(task, tx, train_config, mesh, pretrained_params(config, mesh))
+        logging.info("Starting from %s", train_config.init_from)
     else:
         state = create_train_state(task, tx, train_config, mesh, init_rng)
     start = int(state.step)

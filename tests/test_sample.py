@@ -192,7 +192,8 @@ def sharded_reference():
 
 
 @pytest.mark.parametrize("shape,method", [
-    ((1, 2, 4, 1), "ulysses"), ((1, 2, 4, 1), "ring"), ((2, 2, 2, 1), "ulysses"), ((1, 2, 2, 2), "auto")], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
+    ((1, 2, 4, 1), "ulysses"), ((1, 2, 4, 1), "ring"), ((2, 2, 2, 1), "ulysses"), ((1, 2, 2, 2), "auto")],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
 def test_sharded_denoise_equals_one_device(sharded_reference, shape, method):
     from jax.sharding import PartitionSpec as P
 

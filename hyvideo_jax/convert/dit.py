@@ -310,18 +310,11 @@ def _fp8_scales(fp8_map) -> Mapping[str, Any]:
 # public API
 
 
-def load_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTConfig | Mapping | None = None,
-                   *, fp8_map=None, load_key: str | None = None, dtype: str | None = None,
-                   progress: bool = True) -> tuple[DiTConfig, dict]:
-    """Load a PyTorch HunyuanVideo transformer as (config, params).
-
-    `path_or_state_dict`: an official `.pt` (weights under "module", or a bare state dict; `load_key` picks another
-    sub-dict such as "ema"), a diffusers folder (config.json + safetensors, which supplies the config), a
-    `.safetensors` file, or an in-memory state dict. `layout` ("official" | "diffusers") is detected when None.
-    fp8 checkpoints: give `fp8_map` (the `*_fp8_map.pt` path or dict); a file named `*_fp8.pt` finds its map beside it.
-    `config` overrides or replaces the inferred config (a DiTConfig or a dict of fields). `dtype` casts the params
-    (default: keep the checkpoint's dtype). Params are NumPy arrays in our tree layout (stacked blocks).
-    """
+def open_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTConfig | Mapping | None = None,
+                   *, fp8_map=None, load_key: str | None = None, dtype: str | None = None
+                   ) -> tuple[DiTConfig, Mapping[str, np.ndarray], str]:
+    """(config, official-layout view of the tensors, description) of a PyTorch transformer checkpoint, reading only
+    names and shapes (tensors are materialized on access, one at a time). Arguments as `load_torch_dit`."""
     source = TensorSource.open(path_or_state_dict, load_key=load_key)
     layout = layout or detect_layout(source)
     if layout not in ("official", "diffusers"):
@@ -356,7 +349,87 @@ def load_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTCon
     if "param_dtype" not in overrides:  # the checkpoint's own dtype (fp8 runs as bf16, like the original)
         stored = "bfloat16" if fp8_map is not None else _dtype_name(official["img_in.proj.weight"].dtype)
         cfg = dataclasses.replace(cfg, param_dtype=dtype or stored)
-    return cfg, _official_to_params(official, cfg, source.description, dtype, progress)
+    return cfg, official, source.description
+
+
+def load_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTConfig | Mapping | None = None,
+                   *, fp8_map=None, load_key: str | None = None, dtype: str | None = None,
+                   progress: bool = True) -> tuple[DiTConfig, dict]:
+    """Load a PyTorch HunyuanVideo transformer as (config, params).
+
+    `path_or_state_dict`: an official `.pt` (weights under "module", or a bare state dict; `load_key` picks another
+    sub-dict such as "ema"), a diffusers folder (config.json + safetensors, which supplies the config), a
+    `.safetensors` file, or an in-memory state dict. `layout` ("official" | "diffusers") is detected when None.
+    fp8 checkpoints: give `fp8_map` (the `*_fp8_map.pt` path or dict); a file named `*_fp8.pt` finds its map beside it.
+    `config` overrides or replaces the inferred config (a DiTConfig or a dict of fields). `dtype` casts the params
+    (default: keep the checkpoint's dtype). Params are NumPy arrays in our tree layout (stacked blocks).
+    """
+    cfg, official, description = open_torch_dit(path_or_state_dict, layout, config, fp8_map=fp8_map,
+                                                load_key=load_key, dtype=dtype)
+    return cfg, _official_to_params(official, cfg, description, dtype, progress)
+
+
+ARCHITECTURE_EXEMPT = ("param_dtype", "dtype", "remat_policy", "attention_backend", "sequence_parallel")
+
+
+def architecture_differences(ours: DiTConfig, theirs: DiTConfig) -> list[str]:
+    """'field (a vs b)' for every field that makes the two configs different models (dtypes and how the model is run
+    do not)."""
+    return [f"{f.name} ({getattr(ours, f.name)!r} vs {getattr(theirs, f.name)!r})" for f in dataclasses.fields(ours)
+            if f.name not in ARCHITECTURE_EXEMPT and getattr(ours, f.name) != getattr(theirs, f.name)]
+
+
+def load_dit_sharded(source, mesh, *, like: DiTConfig | None = None, strict: bool = False, rules=None,
+                     progress: bool = True, **torch_kwargs) -> tuple[DiTConfig, Any]:
+    """(config, params placed on `mesh` by the logical-axis rules) from a folder written by `convert to-flax` or any
+    PyTorch source `load_torch_dit` reads, without the model ever sitting whole on one device or in host memory:
+    Orbax restores straight into the shards, and a PyTorch source is converted tensor by tensor, each finished
+    parameter placed on the mesh at once (the host holds one stacked parameter at a time).
+
+    `like`: the run's config. Its dtype, remat policy, attention backend and sequence parallelism replace the
+    source's. With `strict`, the source must be the same model (ValueError naming every differing field), the RoPE
+    settings official checkpoints do not store are taken from `like`, and parameters are cast to
+    `like.param_dtype` (e.g. fp32 masters for training); without, they keep the stored dtype.
+    """
+    from hyvideo_jax.convert.flax_io import is_flax_model, load_flax_model, read_flax_config
+    from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
+    from hyvideo_jax.parallel.sharding import param_targets
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
+    official = None
+    if is_flax_model(source):
+        cfg, description = DiTConfig.from_config(read_flax_config(source, kind="dit")), f"converted folder {source}"
+    else:
+        try:
+            cfg, official, description = open_torch_dit(source, **torch_kwargs)
+        except ValueError as e:   # an official checkpoint does not store the RoPE split of a non-128 head dim
+            if not (strict and like is not None and "RoPE" in str(e) and "config" not in torch_kwargs):
+                raise
+            cfg, official, description = open_torch_dit(source, config=dict(
+                rope_axes_dim=like.rope_axes_dim, rope_theta=like.rope_theta), **torch_kwargs)
+    if like is not None:
+        if strict:
+            differences = architecture_differences(cfg, like)
+            if differences:
+                raise ValueError(f"{description} is another model than config.model: " + ", ".join(
+                    d.replace(" vs ", " in the checkpoint vs ") for d in differences))
+        run = {f: getattr(like, f) for f in ARCHITECTURE_EXEMPT if strict or f != "param_dtype"}
+        cfg = dataclasses.replace(cfg, **run)
+    targets, shardings = param_targets(HunyuanVideoDiT(cfg), example_inputs(cfg), mesh, rules)
+    if official is None:
+        return cfg, load_flax_model(source, kind="dit", target=targets)[1]
+    flat = {path: sharding for path, sharding in _flat_items(shardings)}
+
+    def place(path, array):
+        return jax.device_put(np.asarray(array, jax.numpy.dtype(cfg.param_dtype)), flat[path])
+    return cfg, _official_to_params(official, cfg, description, None, progress, place=place)
+
+
+def _flat_items(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flat_items(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
 
 
 def _key_report(what: str, missing, unexpected) -> str:
@@ -368,7 +441,10 @@ def _key_report(what: str, missing, unexpected) -> str:
     return "\n".join(lines)
 
 
-def _official_to_params(official, cfg: DiTConfig, description: str, dtype: str | None, progress: bool) -> dict:
+def _official_to_params(official, cfg: DiTConfig, description: str, dtype: str | None, progress: bool,
+                        place: Callable[[tuple, np.ndarray], Any] | None = None) -> dict:
+    """Our params tree (NumPy) from an official-layout source. `place(path, array)`, when given, receives each
+    parameter as soon as it is complete (a stacked one once all its layers are in) and its result replaces it."""
     groups = conversion_groups(cfg)
     expected = {n for grp in groups for n in grp.official}
     present = set(official)
@@ -377,6 +453,7 @@ def _official_to_params(official, cfg: DiTConfig, description: str, dtype: str |
     shapes = param_shapes(cfg)
     out_dtype = None if dtype is None else np.dtype(jax.numpy.dtype(dtype))
     params: dict = {}
+    filled: dict[tuple, int] = {}   # layers written so far into each stacked parameter
     for grp in tqdm(groups, desc="converting to Flax", unit="group", disable=not progress):
         arrays = [official[n] for n in grp.official]
         targets = [_get(shapes, p) for p in grp.ours]
@@ -393,14 +470,19 @@ def _official_to_params(official, cfg: DiTConfig, description: str, dtype: str |
         for path, target, value in zip(grp.ours, targets, converted):
             value_dtype = out_dtype or value.dtype
             if grp.layer is None:
-                _set(params, path, np.ascontiguousarray(value, dtype=value_dtype))
+                value = np.ascontiguousarray(value, dtype=value_dtype)
+                _set(params, path, value if place is None else place(tuple(path), value))
                 continue
             try:
                 stacked = _get(params, path)
             except KeyError:
                 stacked = np.empty(target.shape, value_dtype)
                 _set(params, path, stacked)
+                filled[tuple(path)] = 0
             stacked[grp.layer] = value
+            filled[tuple(path)] += 1
+            if place is not None and filled[tuple(path)] == target.shape[0]:
+                _set(params, path, place(tuple(path), stacked))
     return params
 
 

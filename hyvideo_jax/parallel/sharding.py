@@ -55,3 +55,13 @@ def place_params(params, boxed_or_shardings, mesh: Mesh | None = None, rules: Ru
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def param_targets(model: nn.Module, example_inputs, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES):
+    """(ShapeDtypeStructs carrying the rules' shardings on `mesh`, those shardings) of `model`'s parameters: the
+    targets Orbax restores into and conversions place onto."""
+    boxed = abstract_params(model, *example_inputs)
+    shardings = param_shardings(boxed, mesh, rules)
+    targets = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                     nn.unbox(boxed), shardings)
+    return targets, shardings
