@@ -290,37 +290,6 @@ def _param_targets(cfg: DiTConfig, mesh, rules):
     return param_targets(HunyuanVideoDiT(cfg), example_inputs(cfg), mesh, rules)
 
 
-def training_params(workdir, targets, *, step: int | None = None, use_ema: bool = True):
-    """(params restored onto `targets`' shardings, description) from a training run's Orbax checkpoints: the EMA
-    parameters when the run kept them (and `use_ema`), else the parameters; only that part is read."""
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    directory = epath.Path(workdir) / "checkpoints"
-    if not directory.exists():
-        raise FileNotFoundError(f"{workdir} has no checkpoints/ folder: is it a training workdir?")
-    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
-    try:
-        steps = manager.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"{directory} holds no finished checkpoint")
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise ValueError(f"{directory} has no checkpoint of step {step}; it has steps {sorted(steps)}")
-        stored = manager.item_metadata(step)["state"]
-        stored = getattr(stored, "tree", stored) or {}
-        key = "ema_params" if use_ema and isinstance(stored.get("ema_params"), Mapping) and stored["ema_params"] \
-            else "params"
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={key: targets}, restore_args={key: ocp.checkpoint_utils.construct_restore_args(targets)},
-            partial_restore=True)))
-    finally:
-        manager.close()
-    return restored["state"][key], f"{workdir} step {step} ({'EMA' if key == 'ema_params' else 'raw'} parameters)"
-
-
 def load_dit(config, *, workdir=None, step: int | None = None, checkpoint=None, torch_weights=None,
              use_ema: bool = True, mesh, rules=LOGICAL_AXIS_RULES):
     """(DiTConfig, params placed on `mesh` by the rules table, description) from exactly one source: a training
@@ -333,6 +302,7 @@ def load_dit(config, *, workdir=None, step: int | None = None, checkpoint=None, 
     run = dataclasses.replace(DiTConfig.from_config(config.model), remat_policy="none")   # nothing to recompute
     if workdir:
         targets, _ = _param_targets(run, mesh, rules)
+        from hyvideo_jax.convert.flax_io import training_params
         params, description = training_params(workdir, targets, step=step, use_ema=use_ema)
         return run, params, description
     from hyvideo_jax.convert.dit import load_dit_sharded

@@ -57,6 +57,7 @@ from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
 
 LR_SCHEDULES = ("constant", "cosine")
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
 # Dense bf16 peak FLOP/s per device (public figures), matched against `device.device_kind` by substring, first
 # match wins. Devices not listed (CPUs) get no MFU unless train.peak_flops_per_device is set.
 PEAK_FLOPS = (("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
@@ -557,6 +558,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                  jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape), start)
 
     is_main = jax.process_index() == 0
+    if is_main:   # what the run is, for the sampler and the exporters (the latest start's config)
+        from etils import epath
+        epath.Path(workdir, CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, default=list))
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     if is_main:
         writer = metric_writers.MultiWriter([writer, JsonlWriter(os.path.join(workdir, METRICS_FILE))])

@@ -114,3 +114,33 @@ def test_workdir_checkpoints_take_precedence(sources, tmp_path):
                           learning_rate=1e-2)
     resumed = train.train_and_evaluate(config, str(tmp_path))
     assert int(resumed.step) == 3                # resumed at step 2; init_from was not even opened
+
+
+def test_training_workdir_exports_to_diffusers(tmp_path):
+    """`convert to-torch --src=WORKDIR [--ema]`: diffusers' from_pretrained loads the folder and gives our output
+    with the run's EMA (or raw) parameters."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from hyvideo_jax.convert.__main__ import main as convert_main
+    from hyvideo_jax.convert.dit import param_shapes
+    from hyvideo_jax.convert.flax_io import training_params
+    from hyvideo_jax.models.dit import HunyuanVideoDiT
+    from tests.dit_reference import TINY, diffusers_forward, dit_inputs, jax_inputs, relative_error
+    workdir = str(tmp_path / "run")
+    config = small_config(num_steps=2, ema_decay=0.5, learning_rate=0.05)
+    train.train_and_evaluate(config, workdir)
+    cfg = DiTConfig.from_config(config.model)
+    inputs = dit_inputs(TINY, valid=(6, 2))
+    outputs = {}
+    for ema in (True, False):
+        out = str(tmp_path / f"export_{ema}")
+        assert convert_main(["to-torch", f"--src={workdir}", f"--out={out}"] + ["--ema"] * ema) == 0
+        model = HunyuanVideoTransformer3DModel.from_pretrained(out).eval()
+        params, _ = training_params(workdir, param_shapes(cfg), use_ema=ema, require_ema=ema)
+        ours = np.asarray(HunyuanVideoDiT(cfg).apply({"params": params}, *jax_inputs(inputs)))
+        err = relative_error(ours, diffusers_forward(model, inputs))
+        print(f"workdir export ({'EMA' if ema else 'raw'}): diffusers vs ours {err:.2e}")
+        assert err <= 1e-4
+        outputs[ema] = ours
+    assert np.abs(outputs[True] - outputs[False]).max() > 1e-4 * np.abs(outputs[False]).max()   # two exports
+    assert convert_main(["to-torch", f"--src={workdir}", f"--out={tmp_path / 'x'}", "--step=7"]) == 2

@@ -3,23 +3,39 @@
   python -m hyvideo_jax.convert to-flax  --src=mp_rank_00_model_states.pt --out=ckpt/dit
   python -m hyvideo_jax.convert to-torch --src=ckpt/dit --out=hunyuan_diffusers --layout=diffusers
   python -m hyvideo_jax.convert to-torch --src=mp_rank_00_model_states.pt --out=folder --layout=diffusers
+  python -m hyvideo_jax.convert to-torch --src=WORKDIR [--step=N] [--ema] --out=folder
 
 `to-flax` reads an official `.pt` (also fp8 with its `*_map.pt`), a diffusers folder or a safetensors file and writes
 an Orbax checkpoint + config.json. `to-torch` reads our folder or any PyTorch source and writes the chosen layout, so
-official ↔ diffusers works in one step. Tensors stream one at a time with a progress bar.
+official ↔ diffusers works in one step. A training workdir is a source too (`--step=N`, default the latest; `--ema`
+for its EMA parameters), so what was trained exports in one step. Tensors stream one at a time with a progress bar.
 """
 
 import argparse
+import dataclasses
 import sys
 
 import jax
 
 from hyvideo_jax.convert.dit import load_torch_dit, save_torch_dit
-from hyvideo_jax.convert.flax_io import is_flax_model, load_flax_model, save_flax_model
+from hyvideo_jax.convert.flax_io import (is_flax_model, is_training_workdir, load_flax_model, save_flax_model,
+                                         training_config, training_params)
 from hyvideo_jax.models.dit import DiTConfig
 
 
 def _load(args):
+    if is_training_workdir(args.src):
+        from hyvideo_jax.convert.dit import param_shapes
+        cfg = DiTConfig.from_config(training_config(args.src)["model"])
+        params, description = training_params(args.src, param_shapes(cfg), step=args.step, use_ema=args.ema,
+                                              require_ema=args.ema)
+        print(f"read {description}", file=sys.stderr)
+        if args.dtype:
+            params = jax.tree.map(lambda x: x.astype(jax.numpy.dtype(args.dtype)), params)
+            cfg = dataclasses.replace(cfg, param_dtype=args.dtype)
+        return cfg, params
+    if args.step is not None or args.ema:
+        raise ValueError(f"--step and --ema select a checkpoint of a training workdir; {args.src} is not one")
     if is_flax_model(args.src):
         config, params = load_flax_model(args.src, kind="dit")
         return DiTConfig.from_config(config), params
@@ -34,7 +50,9 @@ def main(argv=None) -> int:
     for name, help_ in (("to-flax", "PyTorch checkpoint → our Orbax folder"),
                         ("to-torch", "our folder (or a PyTorch checkpoint) → PyTorch layout")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--src", required=True, help="checkpoint file or folder to read")
+        p.add_argument("--src", required=True, help="checkpoint file or folder to read, or a training workdir")
+        p.add_argument("--step", type=int, default=None, help="training workdir: the step (default: the latest)")
+        p.add_argument("--ema", action="store_true", help="training workdir: its EMA parameters")
         p.add_argument("--out", required=True, help="where to write")
         p.add_argument("--layout-in", choices=("official", "diffusers"), default=None,
                        help="layout of a PyTorch --src (detected when omitted)")

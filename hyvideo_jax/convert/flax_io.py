@@ -1,12 +1,16 @@
-"""Our side of a conversion: a folder with an Orbax checkpoint of the params and the model config as JSON.
+"""Our side of a conversion: a folder with an Orbax checkpoint of the params and the model config as JSON, and the
+parameters of a training workdir.
 
     DIR/config.json     {"kind": "dit", "model": {...DiTConfig fields...}}
     DIR/params/         Orbax StandardCheckpointer tree (our layout; stacked blocks)
+
+    WORKDIR/config.json               the run's whole config (written by the trainer)
+    WORKDIR/checkpoints/<step>/state  the TrainState (params, opt_state, ema_params, ...)
 """
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import orbax.checkpoint as ocp
 
@@ -46,3 +50,53 @@ def load_flax_model(folder, kind: str | None = None, target=None) -> tuple[dict[
     with ocp.StandardCheckpointer() as ckpt:
         params = ckpt.restore(os.path.join(os.path.abspath(os.fspath(folder)), "params"), target)
     return config, params
+
+
+def is_training_workdir(path) -> bool:
+    """True for a folder the trainer writes (it has checkpoints/)."""
+    return os.path.isdir(os.path.join(os.fspath(path), "checkpoints"))
+
+
+def training_config(workdir) -> dict[str, Any]:
+    """The whole config a training run was started with (WORKDIR/config.json, written by the trainer)."""
+    from etils import epath
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{workdir} has no config.json (runs write it when they start); give the run's "
+                                f"config instead")
+    return json.loads(path.read_text())
+
+
+def training_params(workdir, targets, *, step: int | None = None, use_ema: bool = True, require_ema: bool = False):
+    """(params restored onto `targets` (with shardings: onto devices; without: NumPy), description) from a training
+    run's Orbax checkpoints of `step` (default: the latest): the EMA parameters when the run kept them (and
+    `use_ema`; `require_ema` makes their absence an error), else the parameters; only that part is read."""
+    from etils import epath
+
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.exists():
+        raise FileNotFoundError(f"{workdir} has no checkpoints/ folder: is it a training workdir?")
+    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise ValueError(f"{directory} has no checkpoint of step {step}; it has steps {sorted(steps)}")
+        stored = manager.item_metadata(step)["state"]
+        stored = getattr(stored, "tree", stored) or {}
+        has_ema = isinstance(stored.get("ema_params"), Mapping) and bool(stored["ema_params"])
+        if require_ema and not has_ema:
+            raise ValueError(f"{workdir} step {step} holds no EMA parameters (the run had train.ema_decay 0)")
+        key = "ema_params" if use_ema and has_ema else "params"
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={key: targets}, restore_args={key: ocp.checkpoint_utils.construct_restore_args(targets)},
+            partial_restore=True)))
+    finally:
+        manager.close()
+    return restored["state"][key], f"{workdir} step {step} ({'EMA' if key == 'ema_params' else 'raw'} parameters)"
+
+
