@@ -44,7 +44,7 @@ from hyvideo_jax import flow
 from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT, example_inputs
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
-from hyvideo_jax.parallel.sharding import param_targets, place_params
+from hyvideo_jax.parallel.sharding import param_targets
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:

@@ -1,7 +1,9 @@
 """The VAE training objective: L1 reconstruction + KL to N(0, I), optionally a temporal-smoothness term.
 
-    loss_fn = make_vae_loss_fn(HunyuanVideoVAE(model_config), VAELossConfig.from_config(config.vae.loss))
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+    loss, metrics = vae_loss(HunyuanVideoVAE(model_config), VAELossConfig.from_config(config.vae.loss), params,
+                             batch, rng)
+
+The trainer's one train step trains it (`train.objective="vae"`).
 
 `batch["video"]` is [B, T, H, W, C] in [-1, 1] (T = 4k+1). Terms, each a mean so weights do not depend on the
 clip size except the KL, which follows diffusers' `DiagonalGaussianDistribution.kl()` (summed over latent
@@ -13,12 +15,10 @@ elements, averaged over the batch):
 """
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax.training import train_state
 
 from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.models.vae import HunyuanVideoVAE
@@ -78,25 +78,3 @@ def vae_loss(model: HunyuanVideoVAE, loss_config: VAELossConfig, params, batch: 
     loss = (loss_config.l1_weight * terms["reconstruction_l1"] + loss_config.kl_weight * terms["kl"]
             + loss_config.temporal_weight * terms["temporal"])
     return loss, dict(terms, loss=loss)
-
-
-def make_vae_loss_fn(model: HunyuanVideoVAE, loss_config: VAELossConfig) -> Callable:
-    """`loss_fn(params, batch, rng) -> (loss, metrics)` for `jax.value_and_grad(..., has_aux=True)`."""
-    def loss_fn(params, batch, rng):
-        return vae_loss(model, loss_config, params, batch, rng)
-    return loss_fn
-
-
-def create_vae_train_state(model: HunyuanVideoVAE, params, optimizer: optax.GradientTransformation):
-    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optimizer)
-
-
-def vae_train_step(state: train_state.TrainState, batch: Mapping[str, jax.Array], rng, *, model: HunyuanVideoVAE,
-                   loss_config: VAELossConfig):
-    """One optimizer step: (new state, metrics). Pure in (state, batch, rng); the rng is folded with the step so
-    that a resumed run draws the same posterior samples."""
-    step_rng = jax.random.fold_in(rng, state.step)
-    (_, metrics), grads = jax.value_and_grad(make_vae_loss_fn(model, loss_config), has_aux=True)(
-        state.params, batch, step_rng)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-    return state.apply_gradients(grads=grads), metrics

@@ -10,8 +10,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from hyvideo_jax.convert.vae import load_torch_vae
 from hyvideo_jax.models.vae import TILE_PRESETS, HunyuanVideoVAE, VAEConfig, block_causal_attention
-from hyvideo_jax.vae_objective import (VAELossConfig, create_vae_train_state, kl_divergence, vae_loss,
-                                       vae_train_step)
+from hyvideo_jax.vae_objective import VAELossConfig, kl_divergence, vae_loss
 
 TINY = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, layers_per_block=1, latent_channels=4)
 
@@ -96,8 +95,8 @@ def test_kl_matches_diffusers_posterior(reference):
     np.testing.assert_allclose(np.asarray(kl_divergence(jnp.asarray(mean), jnp.asarray(logvar))), ref, rtol=1e-5)
 
 
-def test_vae_loss_terms_and_train_step(reference):
-    """The loss equals its terms recomputed by hand; a few Adam steps on one clip lower it."""
+def test_vae_loss_terms(reference):
+    """The loss equals its terms recomputed by hand."""
     _, model, params = reference
     video = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, size=(1, 5, 16, 16, 3)), jnp.float32)
     loss_config = VAELossConfig(l1_weight=1.0, kl_weight=1e-3, temporal_weight=0.5, sample_posterior=False)
@@ -109,15 +108,7 @@ def test_vae_loss_terms_and_train_step(reference):
     np.testing.assert_allclose(float(loss), float(l1 + 1e-3 * kl + 0.5 * temporal), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["temporal"]), float(temporal), rtol=1e-5)
 
-    import optax
-    state = create_vae_train_state(model, params, optax.adam(1e-3))
-    step = jax.jit(lambda s, b, r: vae_train_step(s, b, r, model=model, loss_config=loss_config))
-    losses = []
-    for _ in range(4):
-        state, metrics = step(state, {"video": video}, jax.random.PRNGKey(0))
-        losses.append(float(metrics["loss"]))
-    print("VAE train-step losses:", losses)
-    assert losses[-1] < losses[0] and np.isfinite(float(metrics["grad_norm"]))
+    # Training goes through the trainer's one train step: tests/test_train.py::test_vae_objective_trains_through_...
 
 
 def test_shape_errors_name_the_problem(reference):
