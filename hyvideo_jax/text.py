@@ -220,9 +220,9 @@ class TextEncoders:
         llm_params = nn.unbox(LlamaTextModel(llm_cfg).init(llm_key, ids))["params"]
         clip_params = nn.unbox(CLIPTextEncoder(clip_cfg).init(clip_key, ids))["params"]
         if mesh is not None:
-            from hyvideo_jax.convert.text_encoders import param_shardings
+            from hyvideo_jax.convert.text_encoders import sharding_table
             llm_params, clip_params = (
-                _place(p, param_shardings(m, 1, mesh, rules))
+                _place(p, sharding_table(m, mesh, rules))
                 for p, m in ((llm_params, LlamaTextModel(llm_cfg)), (clip_params, CLIPTextEncoder(clip_cfg))))
         return cls(llm_tok, llm_cfg, llm_params, clip_tok, clip_cfg, clip_params, text_len=text_len,
                    clip_len=clip_len, mesh=mesh)

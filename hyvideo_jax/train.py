@@ -54,6 +54,7 @@ from hyvideo_jax.data import pipeline
 from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT, forward_flops
 from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
+from hyvideo_jax.parallel.sharding import param_shardings
 
 LR_SCHEDULES = ("constant", "cosine")
 METRICS_FILE = "metrics.jsonl"
@@ -249,7 +250,7 @@ def state_shardings(task: Task, tx, config: TrainConfig, mesh, rules=LOGICAL_AXI
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # abstract: the mesh may describe devices not attached (AOT)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(lambda r: _init_boxed(task, tx, config, mesh, r), key)
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    shardings = param_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
                             shardings)
     return abstract, shardings

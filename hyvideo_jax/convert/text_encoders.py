@@ -174,31 +174,14 @@ def _import(source: TensorSource, entries: list[_Entry], prefixes: Sequence[str]
     return params
 
 
-def param_shardings(module: nn.Module, input_length: int, mesh: jax.sharding.Mesh,
-                    rules=LOGICAL_AXIS_RULES) -> dict[tuple[str, ...], jax.sharding.NamedSharding]:
-    """path → NamedSharding of every parameter of `module`, from its logical axis names under `rules`.
-
-    A dimension that the mesh axes do not divide evenly (e.g. a vocabulary of 49,409 over 2 devices) is replicated.
-    """
-    ids = jnp.zeros((1, input_length), jnp.int32)
-    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), ids))["params"]
-    logical = nn.get_partition_spec(abstract)
-    mesh_shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
-    shapes = {tuple(k.key for k in path): leaf.value.shape
-              for path, leaf in jax.tree_util.tree_flatten_with_path(
-                  abstract, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]}
-    out = {}
-    for path, sharding in jax.tree_util.tree_flatten_with_path(mesh_shardings)[0]:
-        key = tuple(k.key for k in path)
-        spec = [None if axes is not None and size % _mesh_size(mesh, axes) else axes
-                for axes, size in zip(tuple(sharding.spec) + (None,) * len(shapes[key]), shapes[key])]
-        out[key] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-    return out
-
-
-def _mesh_size(mesh, axes) -> int:
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([mesh.shape[a] for a in axes]))
+def sharding_table(module: nn.Module, mesh: jax.sharding.Mesh,
+                   rules=LOGICAL_AXIS_RULES) -> dict[tuple[str, ...], jax.sharding.NamedSharding]:
+    """path → NamedSharding of every parameter of `module` (`parallel.sharding.param_shardings` of its abstract
+    parameters, flattened for tensor-by-tensor placement)."""
+    from hyvideo_jax.parallel.sharding import abstract_params, param_shardings
+    shardings = param_shardings(abstract_params(module, jnp.zeros((1, 1), jnp.int32)), mesh, rules)
+    return {tuple(k.key for k in path): sharding
+            for path, sharding in jax.tree_util.tree_flatten_with_path(shardings)[0]}
 
 
 def _source_and_config(source, config, config_cls, what):
@@ -223,7 +206,7 @@ def load_llama(source, config: "LlamaTextConfig | Mapping[str, Any] | None" = No
         cfg = dataclasses.replace(config, **overrides) if overrides else config
     else:
         cfg = LlamaTextConfig.from_hf(config, **overrides)
-    shardings = None if mesh is None else param_shardings(LlamaTextModel(cfg), 1, mesh, rules)
+    shardings = None if mesh is None else sharding_table(LlamaTextModel(cfg), mesh, rules)
     params = _import(src, _llama_entries(cfg), ("model.", "language_model.model.", "language_model."),
                      lambda n: _llama_unused(n, cfg), "LLaMA", jnp.dtype(cfg.param_dtype), shardings)
     return cfg, params
@@ -237,7 +220,7 @@ def load_clip_text(source, config: "CLIPTextConfig | Mapping[str, Any] | None" =
         cfg = dataclasses.replace(config, **overrides) if overrides else config
     else:
         cfg = CLIPTextConfig.from_hf(config, **overrides)
-    shardings = None if mesh is None else param_shardings(CLIPTextEncoder(cfg), 1, mesh, rules)
+    shardings = None if mesh is None else sharding_table(CLIPTextEncoder(cfg), mesh, rules)
     params = _import(src, _clip_entries(cfg), ("text_model.",), lambda n: _clip_unused(n, cfg), "CLIP text",
                      jnp.dtype(cfg.param_dtype), shardings)
     return cfg, params

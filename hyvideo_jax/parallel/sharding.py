@@ -22,9 +22,25 @@ def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules: Rule
 
 
 def param_shardings(boxed_params, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES):
-    """Tree of NamedShardings for a tree of `nn.Partitioned` (boxed) params or their ShapeDtypeStructs."""
-    specs = nn.get_partition_spec(boxed_params)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    """Tree of NamedShardings for a tree of `nn.Partitioned` (boxed) params or their ShapeDtypeStructs (a whole
+    boxed TrainState too: unboxed leaves are replicated). The one place logical names become mesh shardings; a
+    dimension its mesh axes do not divide evenly (e.g. a vocabulary of 49,409 over 2 devices) is replicated."""
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_params), mesh, rules)
+
+    def fit(sharding, value):
+        shape = tuple(getattr(value, "shape", ()))
+        spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+        spec = [None if axes is not None and size % _axes_size(mesh, axes) else axes for axes, size in zip(spec, shape)]
+        return NamedSharding(mesh, PartitionSpec(*spec))
+    return jax.tree_util.tree_map(fit, shardings, nn.unbox(boxed_params))
+
+
+def _axes_size(mesh: Mesh, axes) -> int:
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    return size
 
 
 def abstract_params(model: nn.Module, *example_inputs, rng=None):
