@@ -80,6 +80,7 @@ def get_config():
         random_records=64,
         random_latent_shapes=((2, 4, 4), (3, 4, 6)),  # [T, H, W] latents; H, W even for patch_size 2
         video_index="",               # source "videos": a JSON file keeping probed shapes across restarts
+        caption_dropout=0.0,          # chance a sample trains on the empty prompt (for CFG later)
         prepare=ml_collections.ConfigDict(dict(
             fps=8.0,
             buckets=((5, 32, 32), (5, 16, 32)),  # (frames, height, width) pixels: one VAE tile, no tiling

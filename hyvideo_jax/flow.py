@@ -155,17 +155,34 @@ def image_tokens(latent_shape, patch_size: int, patch_size_t: int) -> int:
     return (t // patch_size_t) * (h // patch_size) * (w // patch_size)
 
 
-def flow_matching_objective(model, config: FlowConfig) -> Callable:
+def caption_dropped(rngs, rate: float):
+    """[B] bool: which samples train on the empty prompt, from their keys [B] (deterministic per sample and step)."""
+    if rate <= 0:
+        return jnp.zeros(rngs.shape[:1], bool)
+    return jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 3), rate))(rngs)
+
+
+def flow_matching_objective(model, config: FlowConfig, caption_dropout: float = 0.0,
+                            null_text: Mapping[str, Any] | None = None) -> Callable:
     """`objective(params, batch, rngs) -> (loss_sum, sums)` for the DiT on a batch of tokenized clips.
 
     batch: latents [B, T, H, W, C], text_states [B, L, D], text_mask [B, L], pooled_text [B, Dp] and optionally
     valid [B] (padding slots count zero). rngs: one PRNG key per sample [B] (so a sample draws the same σ, ε and
     guidance whatever micro-batch it lands in). Returns Σ_b valid_b·w(σ_b)·mean((v_b − (ε_b − x_b))²) and a dict of
     sums over valid samples, including "count" (the number of valid samples): the mean loss is loss_sum / count.
+    With `caption_dropout` > 0, each sample trains on `null_text` ({"text_states" [L, D], "text_mask" [L],
+    "pooled_text" [Dp]}, the empty prompt) instead of its caption with that chance (`caption_dropped`).
     """
     cfg = model.config
+    if caption_dropout > 0 and null_text is None:
+        raise ValueError("caption dropout needs the empty prompt's encoding (null_text)")
 
     def objective(params, batch, rngs):
+        if caption_dropout > 0:   # the empty prompt's text for the dropped samples
+            drop = caption_dropped(rngs, caption_dropout)
+            batch = dict(batch, **{k: jnp.where(drop.reshape((-1,) + (1,) * (batch[k].ndim - 1)),
+                                                jnp.asarray(null_text[k], batch[k].dtype)[None], batch[k])
+                                   for k in ("text_states", "text_mask", "pooled_text")})
         x = batch["latents"].astype(jnp.float32)
         b = x.shape[0]
         tokens = image_tokens(x.shape[1:], cfg.patch_size, cfg.patch_size_t)

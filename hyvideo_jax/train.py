@@ -174,8 +174,28 @@ def flow_task(config) -> Task:
         b, *latent = shapes["latents"]
         n_img = flow.image_tokens(latent, cfg.patch_size, cfg.patch_size_t)
         return 3.0 * sum(forward_flops(cfg, n_img, shapes["text_states"][1], b))   # forward + backward
-    return Task(model, flow.flow_matching_objective(model, flow.FlowConfig.from_config(config.flow)), example,
+    objective = flow.flow_matching_objective(model, flow.FlowConfig.from_config(config.flow), data.caption_dropout,
+                                             null_text(config, data) if data.caption_dropout > 0 else None)
+    return Task(model, objective, example,
                 ("latents", "text_states", "text_mask", "pooled_text", "valid"), tokens, model_flops)
+
+
+def null_text(config, data: pipeline.DataConfig) -> dict[str, np.ndarray]:
+    """The empty prompt's encoding for caption dropout: the one prepare stored beside the clips, else encoded now
+    by the config's text encoders."""
+    stored = pipeline.read_null_text(data.path) if data.source == "arrayrecord" else None
+    if stored is None:
+        from hyvideo_jax.text import TextEncoders
+        logging.info("Encoding the empty prompt for caption dropout (%s has none stored)", data.path or data.source)
+        stored = dict(zip(("text_states", "text_mask", "pooled_text"),
+                          (np.asarray(a)[0] for a in TextEncoders.from_config(config.text).encode_prompts([""]))))
+    want = {"text_states": (data.text_len, data.text_dim), "text_mask": (data.text_len,),
+            "pooled_text": (data.pooled_dim,)}
+    for key, shape in want.items():
+        if tuple(stored[key].shape) != shape:
+            raise ValueError(f"data.caption_dropout: the empty prompt's {key} has shape {tuple(stored[key].shape)}, "
+                             f"the clips {shape} (data.text_len / text_dim / pooled_dim)")
+    return stored
 
 
 def vae_task(config) -> Task:

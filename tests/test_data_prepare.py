@@ -141,6 +141,14 @@ def test_prepare_skips_bad_videos_and_resumes_without_duplicates(tmp_path, confi
         np.testing.assert_array_equal(clip.text_mask, mask[0])
         np.testing.assert_array_equal(clip.pooled_text, pooled[0])
 
+    # The empty prompt's encoding, stored once for caption dropout, is what the text encoders give for "".
+    null = pipeline.read_null_text(out)
+    empty = [np.asarray(a)[0] for a in encoder.text.encode_prompts([""])]
+    np.testing.assert_array_equal(null["text_mask"], empty[1])
+    for key, want in (("text_states", empty[0]), ("pooled_text", empty[2])):
+        np.testing.assert_array_equal(null[key], want.astype(source[0].text_states.dtype).astype(np.float32))
+    assert null["text_mask"].sum() == 1                   # only <|eot_id|>
+
     # Second run: nothing new, manifest unchanged, the same bad videos reported again.
     before = open(os.path.join(out, pipeline.MANIFEST)).read()
     second = prepare.prepare_videos(videos, captions, out, config, progress=False, encoder=encoder)

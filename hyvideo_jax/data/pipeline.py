@@ -50,6 +50,7 @@ from hyvideo_jax.data.schema import (LATENT_DTYPES, TEXT_DTYPES, ClipSpec, Recor
 BATCH_KEYS = ("latents", "text_states", "text_mask", "pooled_text", "valid", "record_index")
 VIDEO_BATCH_KEYS = ("video", "valid", "record_index")
 MANIFEST = "manifest.json"
+NULL_TEXT = "null_text.npz"   # the empty prompt's encoding, written once by prepare beside its shards
 SOURCES = ("random", "arrayrecord", "tfds", "videos")
 _FOREVER_EPOCHS = 1 << 30  # num_epochs=0: a MapDataset this many epochs long is iterated lazily, never exhausted
 
@@ -62,7 +63,8 @@ class DataConfig:
     `random_latent_shapes`), "arrayrecord" (`path`: a folder written by prepare, or a comma-separated list of shard
     files), "tfds" (`tfds_name`, `tfds_split`, `tfds_data_dir`) or "videos" (`path`: a folder of video files, for
     the VAE objective; `video_index`, if set, is a JSON file that keeps each video's probed bucket shape, so a
-    restart probes only new or changed files). `num_epochs` 0 repeats forever.
+    restart probes only new or changed files). `num_epochs` 0 repeats forever. `caption_dropout` is the chance that
+    a sample trains on the empty prompt's encoding instead of its caption's (for classifier-free guidance later).
     `worker_count` > 0 decodes batches in that many worker processes; `read_threads` threads otherwise.
     """
     source: str = "random"
@@ -87,6 +89,7 @@ class DataConfig:
     random_records: int = 64
     random_latent_shapes: tuple[tuple[int, int, int], ...] = ((5, 8, 8),)
     video_index: str = ""
+    caption_dropout: float = 0.0
 
     def __post_init__(self):
         shapes = tuple(tuple(int(s) for s in shape) for shape in self.random_latent_shapes)
@@ -97,6 +100,8 @@ class DataConfig:
         """Raise ValueError naming the first inconsistent field."""
         def fail(field, msg):
             raise ValueError(f"data.{field}: {msg}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            fail("caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
         if self.source not in SOURCES:
             fail("source", f"must be one of {SOURCES}, got {self.source!r}")
         if self.source == "arrayrecord" and not self.path:
@@ -182,6 +187,18 @@ def read_manifest(folder: str) -> dict:
         return {"shards": []}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_null_text(folder: str) -> dict[str, np.ndarray] | None:
+    """{"text_states" [L, D], "text_mask" [L], "pooled_text" [Dp]}: the empty prompt as prepare encoded it beside the
+    shards in `folder`, or None if it is not there."""
+    from etils import epath
+    path = epath.Path(folder) / NULL_TEXT
+    if not folder or not path.exists():
+        return None
+    with path.open("rb") as f:
+        stored = np.load(f)
+        return {k: np.asarray(stored[k]) for k in ("text_states", "text_mask", "pooled_text")}
 
 
 class ArrayRecordClipSource:

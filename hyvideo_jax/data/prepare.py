@@ -16,6 +16,7 @@ Output folder:
     clips-00000.array_record, ...   shards of `records_per_shard` records (the last one may be shorter)
     manifest.json                   shards, their records' latent shapes and source ids; the pipeline reads it
     summary.json                    this run's counts and every skipped video with its reason
+    null_text.npz                   the empty prompt's encoding, for caption dropout
 
 Resuming: a shard enters the manifest only once closed, and the manifest is replaced atomically, so a run that
 stops leaves only whole shards listed; the next run skips the videos already listed and overwrites any unlisted
@@ -33,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from hyvideo_jax.config_fields import from_fields
-from hyvideo_jax.data.pipeline import MANIFEST, DataConfig, read_manifest
+from hyvideo_jax.data.pipeline import MANIFEST, NULL_TEXT, DataConfig, read_manifest
 from hyvideo_jax.data.schema import SCHEMA_VERSION, TokenizedClip, numpy_dtype, serialize
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif")
@@ -204,6 +205,17 @@ class ShardWriter:
         write_json(os.path.join(self.out, MANIFEST), self.manifest)
 
 
+def write_null_text(out: str, encoder: "ClipEncoder", data: DataConfig):
+    """The empty prompt's encoding (what caption dropout trains on) as NULL_TEXT in `out`: rounded to the records'
+    text dtype as the clips are, stored as fp32 (plain NumPy reads it)."""
+    states, mask, pooled = (np.asarray(a)[0] for a in encoder.text.encode_prompts([""]))
+    as_records = lambda a: a.astype(numpy_dtype(data.text_dtype)).astype(np.float32)  # noqa: E731
+    path = os.path.join(out, NULL_TEXT)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, text_states=as_records(states), text_mask=mask.astype(np.int32), pooled_text=as_records(pooled))
+    os.replace(path + ".tmp", path)
+
+
 def write_json(path: str, value):
     """Write JSON to a temporary file, then rename it over `path`: readers never see half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -267,6 +279,8 @@ def prepare_videos(videos: str, captions: str, out: str, config, progress: bool 
     pending = [n for n in names if n not in done]
     skipped, written, started = [], 0, time.time()
     encoder = encoder or (ClipEncoder(config) if pending else None)
+    if encoder is not None and not os.path.exists(os.path.join(out, NULL_TEXT)):
+        write_null_text(out, encoder, data)
     writer = ShardWriter(out, prep.records_per_shard, manifest)
     groups: dict[tuple[int, ...], list] = {}
     rs, rt = (encoder.vae_config.spatial_compression_ratio, encoder.vae_config.temporal_compression_ratio) \
