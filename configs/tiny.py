@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from hyvideo_jax import lora
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -104,6 +106,8 @@ def get_config():
         height=32, width=32, frames=9, steps=10, shift=7.0, guidance=config.flow.guidance, true_cfg_scale=1.0,
         negative_prompt="",
         videos_per_prompt=1, batch_size=0, seed=0, fps=8.0, use_ema=True, progress=True))
+    # Low-rank adapters (hyvideo_jax/lora.py): rank 0 trains every parameter.
+    config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=lora.DEFAULT_TARGETS))
     config.train = ml_collections.ConfigDict(dict(
         objective="flow", num_steps=20, learning_rate=1e-3, lr_schedule="constant", warmup_steps=0,
         final_lr_fraction=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,

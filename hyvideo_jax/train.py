@@ -49,6 +49,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hyvideo_jax import flow
+from hyvideo_jax import lora as lora_lib
 from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.data import pipeline
 from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT, forward_flops
@@ -128,12 +129,15 @@ class TrainConfig:
 @flax.struct.dataclass
 class TrainState:
     """Everything a step changes. `step` counts consumed batches (applied or skipped), `skipped` the steps whose
-    update was dropped as non-finite; `ema_params` is None without EMA."""
+    update was dropped as non-finite; `ema_params` is None without EMA. With LoRA, `params` are the adapters and
+    `frozen` the base weights they adapt (never updated, never in the optimizer, not written to checkpoints: they
+    come back from `train.init_from` or the seed)."""
     step: jax.Array
     params: Any
     opt_state: Any
     ema_params: Any
     skipped: jax.Array
+    frozen: Any = None
 
 
 # ------------------------------------------------------------------------------------------------------ objectives
@@ -148,6 +152,7 @@ class Task(NamedTuple):
     batch_keys: tuple[str, ...]
     tokens: Callable[[Mapping[str, tuple]], int]
     model_flops: Callable[[Mapping[str, tuple]], float] | None = None
+    lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig()
 
 
 def flow_task(config) -> Task:
@@ -177,7 +182,8 @@ def flow_task(config) -> Task:
     objective = flow.flow_matching_objective(model, flow.FlowConfig.from_config(config.flow), data.caption_dropout,
                                              null_text(config, data) if data.caption_dropout > 0 else None)
     return Task(model, objective, example,
-                ("latents", "text_states", "text_mask", "pooled_text", "valid"), tokens, model_flops)
+                ("latents", "text_states", "text_mask", "pooled_text", "valid"), tokens, model_flops,
+                lora_lib.LoRAConfig.from_config(config.get("lora")))
 
 
 def null_text(config, data: pipeline.DataConfig) -> dict[str, np.ndarray]:
@@ -257,11 +263,20 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return adamw
 
 
-def _init_boxed(task: Task, tx, config: TrainConfig, mesh, rng) -> TrainState:
-    params = task.model.init(rng, *task.example_inputs(mesh))["params"]   # nn.Partitioned leaves (logical axes)
+def _new_state(task: Task, tx, config: TrainConfig, weights, rng) -> TrainState:
+    """Step 0 around model weights (plain or boxed): they are trained, or with LoRA frozen under new adapters."""
+    frozen = None
+    params = weights
+    if task.lora.enabled:
+        frozen, params = weights, lora_lib.init_adapters(weights, task.lora, jax.random.fold_in(rng, 1))
     ema = jax.tree.map(lambda p: p.astype(jnp.float32), params) if config.ema_decay > 0 else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema,
-                      skipped=jnp.zeros((), jnp.int32))
+                      skipped=jnp.zeros((), jnp.int32), frozen=frozen)
+
+
+def _init_boxed(task: Task, tx, config: TrainConfig, mesh, rng) -> TrainState:
+    weights = task.model.init(rng, *task.example_inputs(mesh))["params"]   # nn.Partitioned leaves (logical axes)
+    return _new_state(task, tx, config, weights, rng)
 
 
 def state_shardings(task: Task, tx, config: TrainConfig, mesh, rules=LOGICAL_AXIS_RULES):
@@ -287,17 +302,17 @@ def create_train_state(task: Task, tx, config: TrainConfig, mesh, rng, rules=LOG
         return jax.jit(init, out_shardings=shardings)(rng)
 
 
-def state_from_params(task: Task, tx, config: TrainConfig, mesh, params, rules=LOGICAL_AXIS_RULES) -> TrainState:
-    """A fresh TrainState around given (placed) parameters: zero optimizer state, EMA starting from the same
-    weights (fp32), built on the mesh with the state's shardings."""
+def state_from_params(task: Task, tx, config: TrainConfig, mesh, params, rng=None,
+                      rules=LOGICAL_AXIS_RULES) -> TrainState:
+    """A fresh TrainState around given (placed) model weights: zero optimizer state, EMA starting from the same
+    weights (fp32), or with LoRA the weights frozen under new adapters (from `rng`); built on the mesh with the
+    state's shardings."""
     _, shardings = state_shardings(task, tx, config, mesh, rules)
-
-    def build(p):
-        ema = jax.tree.map(lambda x: x.astype(jnp.float32), p) if config.ema_decay > 0 else None
-        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), ema_params=ema,
-                          skipped=jnp.zeros((), jnp.int32))
-    with jax.set_mesh(mesh):
-        return jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    weights = shardings.frozen if task.lora.enabled else shardings.params
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jax.jit(lambda p, r: nn.unbox(_new_state(task, tx, config, p, r)),
+                       in_shardings=(weights, None), out_shardings=shardings)(params, rng)
 
 
 def pretrained_params(config, mesh, rules=LOGICAL_AXIS_RULES):
@@ -318,10 +333,15 @@ def make_train_step(task: Task, tx, config: TrainConfig) -> Callable:
     k = config.grad_accum_steps
     schedule = learning_rate_schedule(config)
 
+    def objective(params, batch, rngs, frozen):
+        if frozen is not None:   # LoRA: the adapted weights, gradients reach the adapters only
+            params = lora_lib.merge(jax.lax.stop_gradient(frozen), params, task.lora)
+        return task.objective(params, batch, rngs)
+
     def train_step(state: TrainState, batch, rng):
         b = next(iter(batch.values())).shape[0]
         rngs = jax.random.split(jax.random.fold_in(rng, state.step), b)
-        grad_fn = jax.value_and_grad(task.objective, has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, bt, r: objective(p, bt, r, state.frozen), has_aux=True)
 
         def micro_batch(carry, inputs):   # accumulates in fp32, whatever the gradients' dtype
             (_, sums), grads = grad_fn(state.params, *inputs)
@@ -504,6 +524,9 @@ def validate_config(config) -> dict[str, Any]:
         raise ValueError(f"{name}.param_dtype: training keeps fp32 master parameters (compute in {name}.dtype, e.g. "
                          f"bfloat16), so that small updates and the EMA are not rounded away; bf16-stored parameters "
                          f"are for inference. Got {model.param_dtype!r}")
+    sections["lora"] = lora_lib.LoRAConfig.from_config(config.get("lora"))
+    if sections["lora"].enabled and train.objective != "flow":
+        raise ValueError(f"lora.rank: adapters train the transformer (objective 'flow'), not {train.objective!r}")
     if train.init_from and train.objective != "flow":
         raise ValueError(f"train.init_from: pretrained transformer weights start the 'flow' objective, not "
                          f"{train.objective!r}")
@@ -564,16 +587,21 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     iterator = pipeline.make_train_pipeline(config.data, seed=config.seed)
     init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))   # rng: folded with the step in train_step
 
+    def initial_state():
+        if train_config.init_from:
+            logging.info("Starting from %s", train_config.init_from)
+            return state_from_params(task, tx, train_config, mesh, pretrained_params(config, mesh), init_rng)
+        return create_train_state(task, tx, train_config, mesh, init_rng)
+
     manager = checkpoint_manager(workdir, train_config)
     if manager.latest_step() is not None:
-        state, data_state = restore_checkpoint(manager, abstract_state)
+        state, data_state = restore_checkpoint(manager, abstract_state.replace(frozen=None))
+        if task.lora.enabled:   # the frozen base is not in checkpoints: the same weights again
+            state = state.replace(frozen=initial_state().frozen)
         iterator.set_state(data_state)
         logging.info("Resumed from step %d (mesh %s)", int(state.step), dict(mesh.shape))
-    elif train_config.init_from:
-        state = state_from_params(task, tx, train_config, mesh, pretrained_params(config, mesh))
-        logging.info("Starting from %s", train_config.init_from)
     else:
-        state = create_train_state(task, tx, train_config, mesh, init_rng)
+        state = initial_state()
     start = int(state.step)
     logging.info("Process %d of %d: %d of %d devices, mesh %s, from step %d", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape), start)
@@ -619,7 +647,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                 interval_start, compile_before = time.perf_counter(), step_fn.compile_seconds
             stopping = stop.reached(done)
             if done % train_config.checkpoint_every_steps == 0 or done == train_config.num_steps or stopping:
-                manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state.replace(frozen=None)),
                                                            data=ocp.args.JsonSave(iterator.get_state())), force=True)
             if stopping:
                 logging.warning("Stop requested (SIGTERM or preemption): saved step %d, exiting", done)

@@ -1,0 +1,152 @@
+"""Low-rank adapters (LoRA) on the transformer's kernels: which ones, their initialization, and the merge.
+
+    lora_config = LoRAConfig.from_config(config.lora)              # rank, alpha, target patterns
+    adapters = init_adapters(params, lora_config, rng)              # {"double_blocks": {"img_attn_qkv": {"kernel":
+                                                                    #   {"a": [L, D, r], "b": [L, r, 3, H, Dh]}}}}
+    velocity = model.apply({"params": merge(params, adapters, lora_config)}, ...)
+
+A target is a kernel W of our tree (blocks stacked on a leading `layers` axis) whose path matches one of
+`targets` (regular expressions over the "/"-joined path). Its input dimensions are the ones the layer contracts
+(`input_dims`: the model dimension D for q|k|v, MLP-in and single-block linear1; heads × head dim for the attention
+output projections; the MLP width for MLP-out), the rest are outputs. The adapter is a: [layers, *inputs, r] and
+b: [layers, r, *outputs]; the layer computes with W + (alpha / r)·a·b, merged inside the jitted step, so the
+model itself is unchanged and the base weights stay frozen outside the optimizer. As in PEFT, a starts random
+(uniform ±1/√fan_in) and b at zero, so training starts from the base model exactly.
+
+The defaults follow the community trainers (diffusion-pipe, musubi-tuner): the attention q|k|v and output
+projections and both MLP layers of every double-stream block (image and text streams), and the fused linear1 (q|k|v
+and MLP-in) and linear2 (attention-out and MLP-out) of every single-stream block.
+"""
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hyvideo_jax.config_fields import from_fields
+
+DEFAULT_TARGETS = (
+    r"double_blocks/(img|txt)_attn_(qkv|proj)/kernel",
+    r"double_blocks/(img|txt)_mlp/fc[12]/kernel",
+    r"single_blocks/linear1_(qkv|mlp)/kernel",
+    r"single_blocks/linear2_(attn|mlp)/kernel",
+)
+# Kernels whose layer contracts two input dimensions (heads × head dim); every other target contracts one.
+_TWO_INPUT_DIMS = re.compile(r"(attn_proj|linear2_attn)/kernel$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """The `config.lora` section. `rank` 0 trains every parameter (no adapters); `alpha` 0 means alpha = rank
+    (scale 1)."""
+    rank: int = 0
+    alpha: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(str(t) for t in self.targets))
+        if self.rank < 0:
+            raise ValueError(f"lora.rank: must be >= 0 (0: no adapters), got {self.rank}")
+        if self.alpha < 0:
+            raise ValueError(f"lora.alpha: must be >= 0 (0: alpha = rank), got {self.alpha}")
+        for t in self.targets:
+            try:
+                re.compile(t)
+            except re.error as e:
+                raise ValueError(f"lora.targets: {t!r} is not a regular expression ({e})") from None
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha or self.rank) / self.rank
+
+    @classmethod
+    def from_config(cls, config: "LoRAConfig | Mapping[str, Any] | None") -> "LoRAConfig":
+        return from_fields(cls, config or {}, "lora")
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def input_dims(name: str) -> int:
+    """How many leading dimensions (after `layers`) of the kernel at `name` the layer contracts."""
+    return 2 if _TWO_INPUT_DIMS.search(name) else 1
+
+
+def target_names(params, config: LoRAConfig) -> list[str]:
+    """The "/"-joined paths of the kernels the adapters apply to; an error if a pattern matches nothing."""
+    names = [_path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(nn.unbox(params))]
+    chosen = [n for n in names if any(re.search(t, n) for t in config.targets)]
+    for t in config.targets:
+        if not any(re.search(t, n) for n in names):
+            raise ValueError(f"lora.targets: {t!r} matches no parameter of the model")
+    return chosen
+
+
+def is_stacked(name: str) -> bool:
+    """Whether the parameter at `name` is stacked on a leading `layers` axis (the scanned blocks)."""
+    return re.search(r"(^|/)(double_blocks|single_blocks|blocks)/", name) is not None
+
+
+def _split(shape, name: str, stacked: bool):
+    lead = shape[:1] if stacked else ()
+    rest = shape[1:] if stacked else shape
+    k = input_dims(name)
+    return lead, rest[:k], rest[k:]
+
+
+def init_adapters(params, config: LoRAConfig, rng, dtype=jnp.float32):
+    """Adapters {path: {"a", "b"}} (nested like `params`) for every target of `params` (plain or boxed with logical
+    axes; boxed in gives boxed out, a and b named after their kernel's axes, the rank axis unsharded)."""
+    flat = {_path_name(p): leaf for p, leaf in
+            jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))}
+    names = target_names(params, config)
+    keys = jax.random.split(rng, max(len(names), 1))
+    adapters: dict = {}
+    for key, name in zip(keys, names):
+        leaf = flat[name]
+        value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+        stacked = is_stacked(name)
+        lead, inputs, outputs = _split(value.shape, name, stacked)
+        fan_in = math.prod(inputs)
+        a = jax.random.uniform(key, (*lead, *inputs, config.rank), dtype, -1.0, 1.0) / math.sqrt(fan_in)
+        b = jnp.zeros((*lead, config.rank, *outputs), dtype)
+        if isinstance(leaf, nn.Partitioned):
+            axes = tuple(leaf.names)
+            lead_axes, in_axes, out_axes = _split(axes, name, stacked)
+            a = nn.LogicallyPartitioned(a, (*lead_axes, *in_axes, None))   # logical names, as the kernel's
+            b = nn.LogicallyPartitioned(b, (*lead_axes, None, *out_axes))
+        node = adapters
+        for part in name.split("/"):
+            node = node.setdefault(part, {})
+        node.update(a=a, b=b)
+    return adapters
+
+
+def delta(a, b, scale: float, stacked: bool):
+    """scale·a·b in fp32: a [L, *in, r], b [L, r, *out] → [L, *in, *out] (without the L axis if not `stacked`)."""
+    r = a.shape[-1]
+    a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+    if stacked:
+        lead = a.shape[0]
+        out = jnp.einsum("lir,lro->lio", a32.reshape(lead, -1, r), b32.reshape(lead, r, -1))
+        return scale * out.reshape(a.shape[:-1] + b.shape[2:])
+    return scale * (a32.reshape(-1, r) @ b32.reshape(r, -1)).reshape(a.shape[:-1] + b.shape[1:])
+
+
+def merge(params, adapters, config: LoRAConfig):
+    """`params` with W + scale·a·b at every adapted kernel (in W's dtype); the others unchanged."""
+    def walk(p, ad, name):
+        if set(ad) == {"a", "b"}:
+            d = delta(ad["a"], ad["b"], config.scale, is_stacked(name))
+            return (p.astype(jnp.float32) + d).astype(p.dtype)
+        return {k: walk(v, ad[k], f"{name}/{k}" if name else k) if k in ad else v for k, v in p.items()}
+    return walk(params, adapters, "")
