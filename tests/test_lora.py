@@ -99,3 +99,32 @@ def test_checkpoints_hold_adapters_and_resume_restores_the_base(tmp_path):
     stored = getattr(getattr(stored, "item_metadata", stored), "tree", stored)
     assert not stored.get("frozen")                              # the base is not written
     assert set(stored["params"]) == {"double_blocks", "single_blocks"}
+
+
+def test_sampler_merges_a_lora_runs_adapters_into_its_base(tmp_path):
+    """A LoRA run started from a converted folder: the sampler (and `convert to-torch --src=WORKDIR`) read base +
+    (EMA) adapters merged, the same weights as merging them by hand."""
+    from hyvideo_jax import sample
+    from hyvideo_jax.convert.__main__ import main as convert_main
+    from hyvideo_jax.convert.flax_io import save_flax_model
+    from hyvideo_jax.models.dit import DiTConfig
+    from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
+    config = lora_config(num_steps=2, checkpoint_every_steps=2, learning_rate=5e-2, ema_decay=0.5)
+    cfg = DiTConfig.from_config(config.model)
+    base = jax.tree.map(lambda p: 0.3 * np.asarray(p), random_init(cfg, example_inputs(cfg)))
+    config.train.init_from = save_flax_model(str(tmp_path / "base"), "dit", cfg.to_dict(), base)
+    state = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "run")))
+    mesh = create_mesh(MeshConfig(ici=(1, 1, 1, 1)), jax.devices()[:1])
+    _, params, description = sample.load_dit(config, workdir=str(tmp_path / "run"), mesh=mesh)
+    assert "LoRA rank 4 merged" in description and "EMA" in description
+    want = lora.merge(base, state.ema_params, lora.LoRAConfig(rank=4, alpha=8.0))
+    for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    moved = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(base)))
+    assert moved > 1e-4
+    out = str(tmp_path / "merged_diffusers")
+    assert convert_main(["to-torch", f"--src={tmp_path / 'run'}", f"--out={out}", "--ema"]) == 0
+    from hyvideo_jax.convert import load_torch_dit
+    _, exported = load_torch_dit(out, progress=False)
+    for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
