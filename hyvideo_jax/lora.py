@@ -42,15 +42,19 @@ _TWO_INPUT_DIMS = re.compile(r"(attn_proj|linear2_attn)/kernel$")
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
     """The `config.lora` section. `rank` 0 trains every parameter (no adapters); `alpha` 0 means alpha = rank
-    (scale 1)."""
+    (scale 1). `base_dtype` stores the frozen base weights in another dtype than the model's parameters (e.g.
+    bfloat16: they are never updated, so no fp32 master copy is needed); empty keeps model.param_dtype."""
     rank: int = 0
     alpha: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    base_dtype: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(str(t) for t in self.targets))
         if self.rank < 0:
             raise ValueError(f"lora.rank: must be >= 0 (0: no adapters), got {self.rank}")
+        if self.base_dtype not in ("", "float32", "bfloat16", "float16"):
+            raise ValueError(f"lora.base_dtype: must be '', float32, bfloat16 or float16, got {self.base_dtype!r}")
         if self.alpha < 0:
             raise ValueError(f"lora.alpha: must be >= 0 (0: alpha = rank), got {self.alpha}")
         for t in self.targets:

@@ -269,6 +269,8 @@ def _new_state(task: Task, tx, config: TrainConfig, weights, rng) -> TrainState:
     params = weights
     if task.lora.enabled:
         frozen, params = weights, lora_lib.init_adapters(weights, task.lora, jax.random.fold_in(rng, 1))
+        if task.lora.base_dtype:
+            frozen = jax.tree.map(lambda w: w.astype(task.lora.base_dtype), frozen)
     ema = jax.tree.map(lambda p: p.astype(jnp.float32), params) if config.ema_decay > 0 else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema,
                       skipped=jnp.zeros((), jnp.int32), frozen=frozen)

@@ -45,7 +45,8 @@ _KOHYA = "lora_unet_"
 
 @dataclasses.dataclass(frozen=True)
 class _Kernel:
-    """One of our kernels inside an official Linear W [out, in]: kernel.reshape(∏inputs, ∏outputs) = W[rows][:, cols]ᵀ."""
+    """One of our kernels inside an official Linear W [out, in]:
+    kernel.reshape(∏inputs, ∏outputs) = W[rows][:, cols]ᵀ."""
     name: str                   # "/"-joined path in our tree
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
@@ -206,8 +207,8 @@ def load_lora(path_or_state_dict, config: DiTConfig | Mapping, *, adapter_config
             continue
         found.setdefault(module, {})[_PARTS[m["part"]]] = value
     if unknown:
-        raise ValueError(f"LoRA {description}: {len(unknown)} keys name no Linear layer of the transformer "
-                         f"({cfg.depth_double} double, {cfg.depth_single} single blocks): " + ", ".join(sorted(unknown)))
+        raise ValueError(f"LoRA {description}: {len(unknown)} keys name no Linear layer of the transformer ("
+                         f"{cfg.depth_double} double, {cfg.depth_single} single blocks): " + ", ".join(sorted(unknown)))
     if not found:
         raise ValueError(f"LoRA {description} holds no LoRA weights")
 
