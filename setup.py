@@ -32,6 +32,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "torch==2.13.0",
         "diffusers==0.42.1",
+        "peft==0.21.2",               # diffusers' LoRA loaders (the LoRA format tests)
         "transformers==5.24.0",
         "safetensors==0.8.0",
         "pytest==9.2.0",
