@@ -332,6 +332,14 @@ def load_dit(config, *, workdir=None, step: int | None = None, checkpoint=None, 
     return cfg, params, (f"converted folder {source}" if checkpoint else f"PyTorch weights {source}")
 
 
+def with_lora(params, dit_config: DiTConfig, lora_file, mesh):
+    """`params` with a LoRA file (any format `convert.lora.load_lora` reads) merged in, on the params' shardings."""
+    from hyvideo_jax.convert.lora import load_lora
+    adapters, adapter_config = load_lora(lora_file, dit_config)
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda p, a: merge(p, a, adapter_config))(params, adapters)
+
+
 # --------------------------------------------------------------------------------------------------- prompts → video
 class SampleResult(NamedTuple):
     """Videos in prompt-major order (prompt i's videos, then prompt i + 1's) with the prompt and seed of each."""
@@ -371,8 +379,10 @@ class Sampler:
 
     @classmethod
     def from_config(cls, config, *, workdir=None, step: int | None = None, checkpoint=None, torch_weights=None,
-                    vae_weights: str | None = None, mesh=None, text=None, rules=LOGICAL_AXIS_RULES) -> "Sampler":
-        """Everything `generate` needs, from a full config (model, text, vae, data.prepare, mesh, sample)."""
+                    vae_weights: str | None = None, lora_file: str | None = None, mesh=None, text=None,
+                    rules=LOGICAL_AXIS_RULES) -> "Sampler":
+        """Everything `generate` needs, from a full config (model, text, vae, data.prepare, mesh, sample);
+        `lora_file` merges a LoRA into the transformer."""
         from hyvideo_jax.convert.vae import load_vae
         from hyvideo_jax.data.prepare import PrepareConfig
         from hyvideo_jax.parallel.mesh import create_mesh
@@ -383,6 +393,9 @@ class Sampler:
         dit_config, params, description = load_dit(config, workdir=workdir, step=step, checkpoint=checkpoint,
                                                    torch_weights=torch_weights, use_ema=sample_config.use_ema,
                                                    mesh=mesh, rules=rules)
+        if lora_file:
+            params = with_lora(params, dit_config, lora_file, mesh)
+            description += f", LoRA {lora_file} merged"
         prepare = PrepareConfig.from_config(config.data.prepare)
         vae_config, vae_params = load_vae(vae_weights or prepare.vae_checkpoint, config.vae.model, prepare.vae_seed)
         if vae_config.latent_channels != dit_config.in_channels:
@@ -500,7 +513,7 @@ def write_outputs(result: SampleResult, out: str, fps: float, save_latents: bool
 
 def run(config, *, prompts: Sequence[str] = (), prompts_file: str | None = None, out: str = "video.mp4",
         workdir=None, step: int | None = None, checkpoint=None, torch_weights=None, vae_weights=None,
-        save_latents: bool = False, mesh=None) -> tuple[list[str], SampleResult, "Sampler"]:
+        lora_file: str | None = None, save_latents: bool = False, mesh=None) -> tuple[list[str], SampleResult, "Sampler"]:
     """What the CLI does: check the request (sizes, prompts, output, mesh) before loading anything, load, generate,
     write. Returns (mp4 paths, result, sampler); bad input raises ValueError / FileNotFoundError with a sentence."""
     from hyvideo_jax.models.vae import VAEConfig
@@ -522,7 +535,8 @@ def run(config, *, prompts: Sequence[str] = (), prompts_file: str | None = None,
             raise ValueError(f"guidance {sc.guidance} given, but this model has no guidance embedding "
                              f"(model.guidance_embed=False): set --guidance=0 (sample.guidance)")
     sampler = Sampler.from_config(config, workdir=workdir, step=step, checkpoint=checkpoint,
-                                  torch_weights=torch_weights, vae_weights=vae_weights, mesh=mesh)
+                                  torch_weights=torch_weights, vae_weights=vae_weights, lora_file=lora_file,
+                                  mesh=mesh)
     print(f"weights: {sampler.description}", file=sys.stderr)
     result = sampler.generate(prompts)
     return write_outputs(result, out, sc.fps, save_latents), result, sampler
@@ -546,7 +560,7 @@ def main(argv):
                 config.sample.use_ema = False
         paths, result, sampler = run(config, prompts=f.prompt, prompts_file=f.prompts_file, out=f.out,
                                      workdir=f.workdir, step=f.step, checkpoint=f.checkpoint,
-                                     torch_weights=f.torch_weights, vae_weights=f.vae_weights,
+                                     torch_weights=f.torch_weights, vae_weights=f.vae_weights, lora_file=f.lora,
                                      save_latents=f.save_latents)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -573,6 +587,7 @@ def define_flags():
     flags.DEFINE_string("torch_weights", None, "PyTorch transformer weights: official .pt (fp8 too) or diffusers.")
     flags.DEFINE_string("vae_weights", None, "VAE weights (converted folder or PyTorch); default: "
                         "data.prepare.vae_checkpoint, else random weights from data.prepare.vae_seed.")
+    flags.DEFINE_string("lora", None, "A LoRA file to merge (diffusers/PEFT, original names, or kohya/musubi).")
     flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for several).")
     flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
     flags.DEFINE_string("out", "video.mp4", "Output .mp4 (several videos: stem_000.mp4, ... and stem.jsonl).")

@@ -122,6 +122,13 @@ def test_sampler_merges_a_lora_runs_adapters_into_its_base(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     moved = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(base)))
     assert moved > 1e-4
+    # The adapters as a diffusers LoRA file, merged back by the sampler into the same base: the same weights.
+    lora_file = str(tmp_path / "adapters.safetensors")
+    assert convert_main(["lora-to-torch", f"--src={tmp_path / 'run'}", f"--out={lora_file}", "--ema"]) == 0
+    _, plain, _ = sample.load_dit(small_config(), checkpoint=config.train.init_from, mesh=mesh)
+    merged_back = sample.with_lora(plain, cfg, lora_file, mesh)
+    for a, b in zip(jax.tree.leaves(jax.device_get(merged_back)), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     out = str(tmp_path / "merged_diffusers")
     assert convert_main(["to-torch", f"--src={tmp_path / 'run'}", f"--out={out}", "--ema"]) == 0
     from hyvideo_jax.convert import load_torch_dit

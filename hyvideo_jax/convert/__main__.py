@@ -4,6 +4,7 @@
   python -m hyvideo_jax.convert to-torch --src=ckpt/dit --out=hunyuan_diffusers --layout=diffusers
   python -m hyvideo_jax.convert to-torch --src=mp_rank_00_model_states.pt --out=folder --layout=diffusers
   python -m hyvideo_jax.convert to-torch --src=WORKDIR [--step=N] [--ema] --out=folder
+  python -m hyvideo_jax.convert lora-to-torch --src=LORA_WORKDIR [--step=N] [--ema] --out=lora.safetensors
 
 `to-flax` reads an official `.pt` (also fp8 with its `*_map.pt`), a diffusers folder or a safetensors file and writes
 an Orbax checkpoint + config.json. `to-torch` reads our folder or any PyTorch source and writes the chosen layout, so
@@ -19,7 +20,7 @@ import jax
 
 from hyvideo_jax.convert.dit import load_torch_dit, save_torch_dit
 from hyvideo_jax.convert.flax_io import (is_flax_model, is_training_workdir, load_flax_model, save_flax_model,
-                                         training_config)
+                                         training_config, training_params)
 from hyvideo_jax.models.dit import DiTConfig
 
 
@@ -49,6 +50,30 @@ def _load(args):
                           dtype=args.dtype)
 
 
+def _export_lora(args) -> tuple[str, int]:
+    """The adapters of a LoRA run (`--step`, `--ema`) as a diffusers LoRA file."""
+    import flax.linen as nn
+
+    from hyvideo_jax.convert.lora import save_diffusers_lora
+    from hyvideo_jax.lora import LoRAConfig, init_adapters
+    from hyvideo_jax.models.dit import HunyuanVideoDiT, example_inputs
+    from hyvideo_jax.parallel.sharding import abstract_params
+    if not is_training_workdir(args.src):
+        raise ValueError(f"{args.src} is not a training workdir (no checkpoints/)")
+    run = training_config(args.src)
+    cfg, lora_config = DiTConfig.from_config(run["model"]), LoRAConfig.from_config(run.get("lora"))
+    if not lora_config.enabled:
+        raise ValueError(f"{args.src} is a full fine-tuning run (lora.rank 0): export it with to-torch")
+    targets = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), jax.eval_shape(
+        lambda: init_adapters(abstract_params(HunyuanVideoDiT(cfg), *example_inputs(cfg)), lora_config,
+                              jax.random.PRNGKey(0))))
+    adapters, description = training_params(args.src, nn.unbox(targets), step=args.step, use_ema=args.ema,
+                                            require_ema=args.ema)
+    print(f"read {description}", file=sys.stderr)
+    path = save_diffusers_lora(cfg, adapters, lora_config, args.out)
+    return path, sum(x.size for x in jax.tree_util.tree_leaves(adapters))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hyvideo_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,7 +93,20 @@ def main(argv=None) -> int:
                        help="cast parameters (default: keep the checkpoint's dtype)")
         if name == "to-torch":
             p.add_argument("--layout", choices=("diffusers", "official"), default="diffusers")
+    p = sub.add_parser("lora-to-torch", help="a LoRA training workdir's adapters → a diffusers LoRA .safetensors")
+    p.add_argument("--src", required=True, help="the LoRA run's workdir")
+    p.add_argument("--out", required=True, help="the .safetensors to write")
+    p.add_argument("--step", type=int, default=None, help="the step (default: the latest)")
+    p.add_argument("--ema", action="store_true", help="its EMA adapters")
     args = parser.parse_args(argv)
+    if args.command == "lora-to-torch":
+        try:
+            path, n = _export_lora(args)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+            return 2
+        print(f"wrote {path} ({n:,} adapter parameters)")
+        return 0
     try:
         config, params = _load(args)
         if args.command == "to-flax":
