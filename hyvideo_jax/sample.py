@@ -513,7 +513,8 @@ def write_outputs(result: SampleResult, out: str, fps: float, save_latents: bool
 
 def run(config, *, prompts: Sequence[str] = (), prompts_file: str | None = None, out: str = "video.mp4",
         workdir=None, step: int | None = None, checkpoint=None, torch_weights=None, vae_weights=None,
-        lora_file: str | None = None, save_latents: bool = False, mesh=None) -> tuple[list[str], SampleResult, "Sampler"]:
+        lora_file: str | None = None, save_latents: bool = False,
+        mesh=None) -> tuple[list[str], SampleResult, "Sampler"]:
     """What the CLI does: check the request (sizes, prompts, output, mesh) before loading anything, load, generate,
     write. Returns (mp4 paths, result, sampler); bad input raises ValueError / FileNotFoundError with a sentence."""
     from hyvideo_jax.models.vae import VAEConfig
