@@ -21,7 +21,7 @@ from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 
 from benchmarks import dit_vs_diffusers  # noqa: E402
 from benchmarks.dit_vs_diffusers import best_of  # noqa: E402
-from hyvideo_jax import flow, train  # noqa: E402
+from hyvideo_jax import flow, objectives, train  # noqa: E402
 from hyvideo_jax.convert import load_torch_dit  # noqa: E402
 from hyvideo_jax.models.dit import HunyuanVideoDiT  # noqa: E402
 
@@ -56,7 +56,7 @@ def bench(name, repeats):
                                  progress=False)
     train_config = train.TrainConfig(learning_rate=LR, grad_clip_norm=CLIP)
     dit = HunyuanVideoDiT(cfg)
-    task = train.Task(dit, flow.flow_matching_objective(dit, flow.FlowConfig()), None,
+    task = objectives.Task(dit, flow.flow_matching_objective(dit, flow.FlowConfig()), None,
                       ("latents", "text_states", "text_mask", "pooled_text"), None)
     tx = train.make_optimizer(train_config)
     params = jax.device_put(params)

@@ -219,7 +219,7 @@ def compile_sample_step(config, topology: str, *, frames: int, height: int, widt
     and the model's FLOPs per step (forward only: matmul / attention / total)."""
     import flax.linen as nn
 
-    from hyvideo_jax import sample, train
+    from hyvideo_jax import objectives, sample, train
     from hyvideo_jax.models.dit import DiTConfig
     from hyvideo_jax.parallel.sharding import abstract_params, param_shardings
 
@@ -235,7 +235,7 @@ def compile_sample_step(config, topology: str, *, frames: int, height: int, widt
         raise ValueError(f"{batch} videos give {batch * per_video} model rows{' (true CFG doubles them)' * true_cfg}, "
                          f"which do not fill the {groups} data-parallel groups (data × fsdp) of the mesh; give a "
                          f"batch whose rows divide by {groups}")
-    task = train.flow_task(config)
+    task = objectives.flow_task(config)
     boxed = abstract_params(task.model, *task.example_inputs(mesh))
     params = nn.unbox(boxed)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -34,7 +34,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import flax
 import flax.linen as nn
@@ -52,13 +52,14 @@ from hyvideo_jax import flow
 from hyvideo_jax import lora as lora_lib
 from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.data import pipeline
-from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT, forward_flops
+from hyvideo_jax.metrics import METRICS_FILE, JsonlWriter, read_metrics  # noqa: F401 (a run's metrics, read back)
+from hyvideo_jax.models.dit import DiTConfig
+from hyvideo_jax.objectives import OBJECTIVES, Task
 from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
 from hyvideo_jax.parallel.sharding import param_shardings
 
 LR_SCHEDULES = ("constant", "cosine")
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 # Dense bf16 peak FLOP/s per device (public figures), matched against `device.device_kind` by substring, first
 # match wins. Devices not listed (CPUs) get no MFU unless train.peak_flops_per_device is set.
@@ -138,94 +139,6 @@ class TrainState:
     ema_params: Any
     skipped: jax.Array
     frozen: Any = None
-
-
-# ------------------------------------------------------------------------------------------------------ objectives
-class Task(NamedTuple):
-    """A model and its objective. `objective(params, batch, rngs [B]) -> (loss_sum, sums incl. "count")`;
-    `example_inputs(mesh)` initialize the model (under that mesh); `batch_keys` are read from the pipeline's
-    batches; `tokens(shapes)` counts the tokens of a batch for throughput; `model_flops(shapes)` the model FLOPs
-    of one forward+backward over the batch (None: use XLA's count of the compiled program)."""
-    model: nn.Module
-    objective: Callable
-    example_inputs: Callable[[Any], tuple]
-    batch_keys: tuple[str, ...]
-    tokens: Callable[[Mapping[str, tuple]], int]
-    model_flops: Callable[[Mapping[str, tuple]], float] | None = None
-    lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig()
-
-
-def flow_task(config) -> Task:
-    cfg = DiTConfig.from_config(config.model)
-    model = HunyuanVideoDiT(cfg)
-    data = pipeline.DataConfig.from_config(config.data)
-    if data.latent_channels != cfg.in_channels:
-        raise ValueError(f"data.latent_channels {data.latent_channels} differs from model.in_channels "
-                         f"{cfg.in_channels}")
-
-    def example(mesh):
-        # As many image tokens as the 'sequence' axis has devices: sequence-parallel attention splits them.
-        width = cfg.patch_size * dict(mesh.shape).get("sequence", 1)
-        return (jnp.zeros((1, cfg.patch_size_t, cfg.patch_size, width, cfg.in_channels)), jnp.ones((1,)),
-                jnp.zeros((1, data.text_len, cfg.text_states_dim)), jnp.ones((1, data.text_len), jnp.int32),
-                jnp.zeros((1, cfg.pooled_text_dim)), jnp.ones((1,)) if cfg.guidance_embed else None)
-
-    def tokens(shapes):
-        b, *latent = shapes["latents"]
-        return b * flow.image_tokens(latent, cfg.patch_size, cfg.patch_size_t)
-
-    def model_flops(shapes):
-        # Counted from the config: XLA's cost analysis sees a scanned block once and nothing inside Pallas kernels.
-        b, *latent = shapes["latents"]
-        n_img = flow.image_tokens(latent, cfg.patch_size, cfg.patch_size_t)
-        return 3.0 * sum(forward_flops(cfg, n_img, shapes["text_states"][1], b))   # forward + backward
-    objective = flow.flow_matching_objective(model, flow.FlowConfig.from_config(config.flow), data.caption_dropout,
-                                             null_text(config, data) if data.caption_dropout > 0 else None)
-    return Task(model, objective, example,
-                ("latents", "text_states", "text_mask", "pooled_text", "valid"), tokens, model_flops,
-                lora_lib.LoRAConfig.from_config(config.get("lora")))
-
-
-def null_text(config, data: pipeline.DataConfig) -> dict[str, np.ndarray]:
-    """The empty prompt's encoding for caption dropout: the one prepare stored beside the clips, else encoded now
-    by the config's text encoders."""
-    stored = pipeline.read_null_text(data.path) if data.source == "arrayrecord" else None
-    if stored is None:
-        from hyvideo_jax.text import TextEncoders
-        logging.info("Encoding the empty prompt for caption dropout (%s has none stored)", data.path or data.source)
-        stored = dict(zip(("text_states", "text_mask", "pooled_text"),
-                          (np.asarray(a)[0] for a in TextEncoders.from_config(config.text).encode_prompts([""]))))
-    want = {"text_states": (data.text_len, data.text_dim), "text_mask": (data.text_len,),
-            "pooled_text": (data.pooled_dim,)}
-    for key, shape in want.items():
-        if tuple(stored[key].shape) != shape:
-            raise ValueError(f"data.caption_dropout: the empty prompt's {key} has shape {tuple(stored[key].shape)}, "
-                             f"the clips {shape} (data.text_len / text_dim / pooled_dim)")
-    return stored
-
-
-def vae_task(config) -> Task:
-    from hyvideo_jax.models.vae import HunyuanVideoVAE, VAEConfig
-    from hyvideo_jax.vae_objective import VAELossConfig, vae_loss
-
-    cfg = VAEConfig.from_config(config.vae.model)
-    model, loss_config = HunyuanVideoVAE(cfg), VAELossConfig.from_config(config.vae.loss)
-    size = cfg.spatial_compression_ratio
-
-    def objective(params, batch, rngs):
-        # vae_loss averages over the valid samples; scaled back to a sum so micro-batches add up to the batch mean.
-        count = jnp.sum(jnp.asarray(batch["valid"], jnp.float32)) if "valid" in batch else batch["video"].shape[0]
-        loss, metrics = vae_loss(model, loss_config, params, batch, rngs[0])
-        return loss * count, {k: v * count for k, v in dict(metrics, count=1.0).items()}
-
-    def tokens(shapes):
-        b, t, h, w, _ = shapes["video"]
-        return b * t * h * w   # pixels
-    return Task(model, objective, lambda mesh: (jnp.zeros((1, 1, size, size, cfg.in_channels)),), ("video", "valid"),
-                tokens)
-
-
-OBJECTIVES: dict[str, Callable[[Any], Task]] = {"flow": flow_task, "vae": vae_task}
 
 
 # ------------------------------------------------------------------------------------------------ state and step
@@ -425,58 +338,6 @@ def peak_flops_per_device(config: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------- loop
-class JsonlWriter(metric_writers.MetricWriter):
-    """Scalars as JSON lines {"step": s, name: value, ...} appended to a file: readable without TensorBoard (a
-    notebook, a test). A resumed run appends again from its checkpoint, so the last line of a step wins."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def write_scalars(self, step, scalars):
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
-
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def write_hparams(self, hparams):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-def read_metrics(workdir: str) -> dict[int, dict[str, float]]:
-    """{step: scalars} from WORKDIR/metrics.jsonl; for a step logged twice (before a crash and after the resume)
-    the later line wins."""
-    rows = {}
-    path = os.path.join(workdir, METRICS_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                rows[row.pop("step")] = row
-    return rows
-
-
 def checkpoint_manager(workdir: str, config: TrainConfig) -> ocp.CheckpointManager:
     """Orbax manager of WORKDIR/checkpoints with items "state" (the TrainState) and "data" (iterator state, JSON)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,

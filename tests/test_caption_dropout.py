@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from hyvideo_jax import flow, train
+from hyvideo_jax import flow, objectives
 from hyvideo_jax.data import pipeline
 from hyvideo_jax.models.dit import HunyuanVideoDiT
 from tests.test_dit_model import example_inputs, random_init, tiny_config
@@ -47,14 +47,14 @@ def test_dropped_samples_train_on_the_empty_prompt():
 def test_trainer_encodes_the_empty_prompt_when_none_is_stored():
     config = small_config()
     config.data.caption_dropout = 0.2
-    null = train.null_text(config, pipeline.DataConfig.from_config(config.data))
+    null = objectives.null_text(config, pipeline.DataConfig.from_config(config.data))
     assert null["text_states"].shape == (config.data.text_len, config.data.text_dim)
     assert null["text_mask"].sum() == 1
-    train.flow_task(config)       # builds the objective with it
+    objectives.flow_task(config)       # builds the objective with it
     config.data.text_len = 7
     with pytest.raises(ValueError, match=r"data.caption_dropout: the empty prompt's text_states has shape \(32, 32\), "
                                          r"the clips \(7, 32\)"):
-        train.flow_task(config)
+        objectives.flow_task(config)
     config.data.caption_dropout = 1.0
     with pytest.raises(ValueError, match=r"data.caption_dropout: must be in \[0, 1\)"):
         pipeline.DataConfig.from_config(config.data)

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from hyvideo_jax import lora, train
+from hyvideo_jax import lora, objectives, train
 from tests.test_dit_model import example_inputs, random_init, tiny_config
 from tests.test_train import one_device_step, small_config
 
@@ -49,7 +49,7 @@ def pretrained_state(config):
     train_config = train.TrainConfig.from_config(config.train)
     base = jax.tree.map(lambda p: 0.3 * p, random_init(cfg, example_inputs(cfg)))
     mesh = create_mesh(MeshConfig(ici=(1, 1, 1, 1)), jax.devices()[:1])
-    return train.state_from_params(train.flow_task(config), train.make_optimizer(train_config), train_config, mesh,
+    return train.state_from_params(objectives.flow_task(config), train.make_optimizer(train_config), train_config, mesh,
                                    base, jax.random.PRNGKey(0))
 
 
@@ -61,7 +61,7 @@ def test_only_adapters_train_and_the_loss_falls():
     opt_arrays = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "ndim", 0) > 0]
     assert sum(x.size for x in opt_arrays) == 2 * sum(x.size for x in jax.tree.leaves(state.params))
     assert sum(x.size for x in jax.tree.leaves(state.params)) < 0.2 * sum(x.size for x in jax.tree.leaves(frozen))
-    task = train.flow_task(config)
+    task = objectives.flow_task(config)
     adapted = task.lora
     host_batch = jax.device_get(batch)
 

@@ -198,11 +198,12 @@ def test_sharded_denoise_equals_one_device(sharded_reference, shape, method):
     from jax.sharding import PartitionSpec as P
 
     from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
-    from hyvideo_jax.parallel.sharding import place_params
+    from hyvideo_jax.models.dit import example_inputs
+    from hyvideo_jax.parallel.sharding import param_targets, place_params
     cfg, params, run, negative, ref, ref_cfg = sharded_reference
     cfg = dataclasses.replace(cfg, sequence_parallel=method)
     mesh = create_mesh(MeshConfig(ici=shape))
-    _, shardings = sample._param_targets(cfg, mesh, sample.LOGICAL_AXIS_RULES)
+    _, shardings = param_targets(HunyuanVideoDiT(cfg), example_inputs(cfg), mesh)
     placed = place_params(params, shardings)
     fc1 = placed["double_blocks"]["img_mlp"]["fc1"]["kernel"]
     assert fc1.sharding.spec == P(None, "fsdp", "tensor")

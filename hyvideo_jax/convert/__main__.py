@@ -29,7 +29,7 @@ def _load(args):
         import ml_collections
 
         from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
-        from hyvideo_jax.sample import load_dit
+        from hyvideo_jax.convert.dit_sources import load_dit
         # The run's weights as the sampler reads them (a LoRA run's adapters merged into its base), on one device.
         config = ml_collections.ConfigDict(training_config(args.src))
         mesh = create_mesh(MeshConfig(ici=(1, 1, 1, 1)), jax.devices()[:1])

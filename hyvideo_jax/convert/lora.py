@@ -83,7 +83,9 @@ def _layout(grp: _Group, want: list[tuple[int, ...]], layers) -> tuple[tuple[int
         cols = {k: fed[k].reshape(-1).astype(np.int64) for k in slots}
         rows = {k: np.arange(out) for k in slots}
     else:
-        raise NotImplementedError(f"{grp.official[0]}: kernels split both its inputs and its outputs")
+        # Every conversion group cuts an official Linear along its outputs (q|k|v, linear1) or its inputs (linear2),
+        # never both; a new group that did would need a two-sided probe here.
+        raise AssertionError(f"{grp.official[0]}: its kernels split both its inputs and its outputs")
     return (out, n_in), tuple(_Kernel(names[k], *split[k], rows[k], cols[k], layers) for k in slots)
 
 
