@@ -85,6 +85,14 @@ def test_cli_writes_videos_from_a_training_workdir(checkpoints):
     assert own < 0.5 * other
 
 
+def test_a_workdir_given_relative_to_the_current_folder(checkpoints, monkeypatch):
+    root, workdir, _ = checkpoints
+    monkeypatch.chdir(os.path.dirname(workdir))
+    relative = sample.Sampler.from_config(sample_config(), workdir=os.path.basename(workdir)).generate(PROMPTS[:1])
+    absolute = sample.Sampler.from_config(sample_config(), workdir=workdir).generate(PROMPTS[:1])
+    np.testing.assert_array_equal(relative.latents, absolute.latents)
+
+
 def test_converted_folder_equals_the_workdirs_raw_parameters(checkpoints):
     root, workdir, folder = checkpoints
     config = sample_config()

@@ -73,7 +73,9 @@ def training_params(workdir, targets, *, step: int | None = None, use_ema: bool 
     `use_ema`; `require_ema` makes their absence an error), else the parameters; only that part is read."""
     from etils import epath
 
-    directory = epath.Path(workdir) / "checkpoints"
+    # Orbax wants absolute paths; a local workdir may be given relative to where the command runs.
+    local = "://" not in os.fspath(workdir)
+    directory = epath.Path(os.path.abspath(os.fspath(workdir)) if local else workdir) / "checkpoints"
     if not directory.exists():
         raise FileNotFoundError(f"{workdir} has no checkpoints/ folder: is it a training workdir?")
     manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
