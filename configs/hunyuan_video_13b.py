@@ -115,7 +115,8 @@ def get_config():
                         "hands, bad teeth, bad eyes, bad limbs, distortion",
         videos_per_prompt=1, batch_size=0, seed=0, fps=24.0, use_ema=True, progress=True))
     # Low-rank adapters (hyvideo_jax/lora.py): rank 0 trains every parameter.
-    config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=lora.DEFAULT_TARGETS, base_dtype=""))
+    config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=lora.DEFAULT_TARGETS, base_dtype="",
+                                                 init_from=""))
     config.train = ml_collections.ConfigDict(dict(
         objective="flow", num_steps=10_000, learning_rate=1e-5, lr_schedule="cosine", warmup_steps=500,
         final_lr_fraction=0.1, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,

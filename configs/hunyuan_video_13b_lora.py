@@ -5,7 +5,9 @@ the base frozen in bf16 (never updated, so no fp32 master copy), the adapters an
         --config.train.init_from=ckpt/dit --config.data.path=gs://bucket/clips
 
 `train.init_from` is required: a folder from `python -m hyvideo_jax.convert to-flax`, the official
-mp_rank_00_model_states.pt (or its fp8 file) or a diffusers folder.
+mp_rank_00_model_states.pt (or its fp8 file) or a diffusers folder. To continue training a LoRA (ours, diffusers/PEFT,
+diffusion-pipe or kohya/musubi-tuner files), add `--config.lora.init_from=lora.safetensors` (its rank at most
+lora.rank, its layers among lora.targets).
 """
 
 from configs import hunyuan_video_13b

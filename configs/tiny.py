@@ -107,7 +107,8 @@ def get_config():
         negative_prompt="",
         videos_per_prompt=1, batch_size=0, seed=0, fps=8.0, use_ema=True, progress=True))
     # Low-rank adapters (hyvideo_jax/lora.py): rank 0 trains every parameter.
-    config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=lora.DEFAULT_TARGETS, base_dtype=""))
+    config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets=lora.DEFAULT_TARGETS, base_dtype="",
+                                                 init_from=""))
     config.train = ml_collections.ConfigDict(dict(
         objective="flow", num_steps=20, learning_rate=1e-3, lr_schedule="constant", warmup_steps=0,
         final_lr_fraction=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,

@@ -43,11 +43,14 @@ _TWO_INPUT_DIMS = re.compile(r"(attn_proj|linear2_attn)/kernel$")
 class LoRAConfig:
     """The `config.lora` section. `rank` 0 trains every parameter (no adapters); `alpha` 0 means alpha = rank
     (scale 1). `base_dtype` stores the frozen base weights in another dtype than the model's parameters (e.g.
-    bfloat16: they are never updated, so no fp32 master copy is needed); empty keeps model.param_dtype."""
+    bfloat16: they are never updated, so no fp32 master copy is needed); empty keeps model.param_dtype.
+    `init_from` starts the adapters from a LoRA file (any format `convert.lora.load_lora` reads) instead of from
+    zero (`start_from`)."""
     rank: int = 0
     alpha: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
     base_dtype: str = ""
+    init_from: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(str(t) for t in self.targets))
@@ -55,6 +58,9 @@ class LoRAConfig:
             raise ValueError(f"lora.rank: must be >= 0 (0: no adapters), got {self.rank}")
         if self.base_dtype not in ("", "float32", "bfloat16", "float16"):
             raise ValueError(f"lora.base_dtype: must be '', float32, bfloat16 or float16, got {self.base_dtype!r}")
+        if self.init_from and not self.rank:
+            raise ValueError(f"lora.init_from: starting adapters from {self.init_from} needs lora.rank > 0 (the rank "
+                             f"to train at, at least the file's)")
         if self.alpha < 0:
             raise ValueError(f"lora.alpha: must be >= 0 (0: alpha = rank), got {self.alpha}")
         for t in self.targets:
@@ -154,3 +160,49 @@ def merge(params, adapters, config: LoRAConfig):
             return (p.astype(jnp.float32) + d).astype(p.dtype)
         return {k: walk(v, ad[k], f"{name}/{k}" if name else k) if k in ad else v for k, v in p.items()}
     return walk(params, adapters, "")
+
+
+def start_from(adapters, loaded, loaded_config: "LoRAConfig", config: LoRAConfig):
+    """Fresh `adapters` (a random, b zero) that continue a `loaded` LoRA (as `convert.lora.load_lora` returns it):
+    for every kernel it adapts, its rank slots hold the loaded a and b (b rescaled to `config.scale`, so that
+    `merge(params, result, config)` equals `merge(params, loaded, loaded_config)`); slots it leaves empty keep the
+    fresh a and b = 0, so they add nothing and still train. jnp operations: jit it to keep the adapters' shardings.
+    Errors if the loaded LoRA adapts a kernel outside `config.targets` or has a higher rank than `config.rank`."""
+    fresh, loaded = flat_adapters(adapters), flat_adapters(loaded)
+    outside = sorted(set(loaded) - set(fresh))
+    if outside:
+        raise ValueError(f"lora.init_from: the LoRA adapts {', '.join(outside)}, which lora.targets "
+                         f"{config.targets} leaves out: add them to the targets")
+    result: dict = {}
+    for name, current in fresh.items():
+        a, b = current["a"], current["b"]
+        if name in loaded:
+            la, lb = loaded[name]["a"], loaded[name]["b"]
+            rank = la.shape[-1]
+            if rank > config.rank:
+                raise ValueError(f"lora.init_from: {name} has rank {rank} in the LoRA, above lora.rank "
+                                 f"{config.rank}: set lora.rank >= {rank}")
+            lead = int(is_stacked(name))
+            la = jnp.pad(la.astype(jnp.float32), [(0, 0)] * (la.ndim - 1) + [(0, config.rank - rank)])
+            lb = jnp.pad(lb.astype(jnp.float32) * (loaded_config.scale / config.scale),
+                         [(0, 0)] * lead + [(0, config.rank - rank)] + [(0, 0)] * (lb.ndim - 1 - lead))
+            in_axes, out_axes = tuple(range(lead, la.ndim - 1)), tuple(range(lead + 1, lb.ndim))
+            used = (jnp.abs(la).sum(in_axes) > 0) | (jnp.abs(lb).sum(out_axes) > 0)    # [layers?, r]
+            a = jnp.where(jnp.expand_dims(used, tuple(range(lead, lead + len(in_axes)))), la, a).astype(a.dtype)
+            b = jnp.where(jnp.expand_dims(used, tuple(range(used.ndim, used.ndim + len(out_axes)))), lb, b
+                          ).astype(b.dtype)
+        node = result
+        for part in name.split("/"):
+            node = node.setdefault(part, {})
+        node.update(a=a, b=b)
+    return result
+
+
+def flat_adapters(tree, prefix: str = "") -> dict:
+    """"/"-joined path → {"a", "b"} of an adapter tree."""
+    if set(tree) == {"a", "b"}:
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(flat_adapters(value, f"{prefix}/{key}" if prefix else key))
+    return out

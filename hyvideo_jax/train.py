@@ -239,6 +239,24 @@ def pretrained_params(config, mesh, rules=LOGICAL_AXIS_RULES):
     return params
 
 
+def start_adapters(state: TrainState, config, mesh, shardings) -> TrainState:
+    """A fresh LoRA state whose adapters (and EMA) continue `lora.init_from`'s LoRA file (`lora.start_from`): the
+    file is read on every process, placed replicated, and combined on the mesh into the adapters' shardings."""
+    from hyvideo_jax.convert.lora import load_lora
+    lora = lora_lib.LoRAConfig.from_config(config.lora)
+    loaded, loaded_config = load_lora(lora.init_from, DiTConfig.from_config(config.model))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    loaded = jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: x[i]), loaded)
+    with jax.set_mesh(mesh):
+        params = jax.jit(lambda ad, ld: lora_lib.start_from(ad, ld, loaded_config, lora),
+                         out_shardings=shardings.params)(state.params, loaded)
+        ema = None if state.ema_params is None else jax.jit(
+            lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p), out_shardings=shardings.ema_params)(params)
+    logging.info("LoRA adapters start from %s (rank %d, %d kernels)", lora.init_from, loaded_config.rank,
+                 len(lora_lib.flat_adapters(loaded)))
+    return state.replace(params=params, ema_params=ema)
+
+
 def make_train_step(task: Task, tx, config: TrainConfig) -> Callable:
     """The pure `train_step(state, batch, rng) -> (state, metrics)`; `rng` is the run's key, folded with the step.
 
@@ -465,6 +483,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         logging.info("Resumed from step %d (mesh %s)", int(state.step), dict(mesh.shape))
     else:
         state = initial_state()
+        if task.lora.init_from:
+            state = start_adapters(state, config, mesh, shardings)
     start = int(state.step)
     logging.info("Process %d of %d: %d of %d devices, mesh %s, from step %d", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape), start)

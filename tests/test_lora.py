@@ -103,10 +103,11 @@ def test_checkpoints_hold_adapters_and_resume_restores_the_base(tmp_path):
 
 def test_sampler_merges_a_lora_runs_adapters_into_its_base(tmp_path):
     """A LoRA run started from a converted folder: the sampler (and `convert to-torch --src=WORKDIR`) read base +
-    (EMA) adapters merged, the same weights as merging them by hand."""
+    (EMA) adapters merged, the same weights as merging them by hand; its exported LoRA file starts a new run."""
     from hyvideo_jax import sample
     from hyvideo_jax.convert.__main__ import main as convert_main
     from hyvideo_jax.convert.flax_io import save_flax_model
+    from hyvideo_jax.convert.lora import load_lora
     from hyvideo_jax.models.dit import DiTConfig
     from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
     config = lora_config(num_steps=2, checkpoint_every_steps=2, learning_rate=5e-2, ema_decay=0.5)
@@ -129,6 +130,24 @@ def test_sampler_merges_a_lora_runs_adapters_into_its_base(tmp_path):
     merged_back = sample.with_lora(plain, cfg, lora_file, mesh)
     for a, b in zip(jax.tree.leaves(jax.device_get(merged_back)), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The same file as the start of a new LoRA run, at a higher rank and another alpha: before any update (lr 0),
+    # base + adapters (and their EMA) are the weights the file describes.
+    config = lora_config(num_steps=1, checkpoint_every_steps=1, learning_rate=0.0, ema_decay=0.5)
+    config.train.init_from = str(tmp_path / "base")
+    config.lora.update(rank=6, alpha=3.0, init_from=lora_file)
+    continued = jax.device_get(train.train_and_evaluate(config, str(tmp_path / "continued")))
+    six = lora.LoRAConfig(rank=6, alpha=3.0)
+    for adapters in (continued.params, continued.ema_params):
+        for a, b in zip(jax.tree.leaves(lora.merge(base, adapters, six)), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    spare = continued.params["double_blocks"]["img_attn_qkv"]["kernel"]
+    assert np.abs(spare["a"][..., 4:]).min() > 0 and not spare["b"][:, 4:].any()   # new slots: fresh a, b = 0
+    loaded, loaded_config = load_lora(lora_file, cfg)
+    with pytest.raises(ValueError, match=r"rank 4 in the LoRA, above lora.rank 2: set lora.rank >= 4"):
+        lora.start_from(continued.params, loaded, loaded_config, lora.LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match=r"the LoRA adapts single_blocks/linear1_mlp/kernel.*leaves out"):
+        doubles = lora.LoRAConfig(rank=6, targets=lora.DEFAULT_TARGETS[:2])
+        lora.start_from(lora.init_adapters(base, doubles, jax.random.PRNGKey(0)), loaded, loaded_config, doubles)
     out = str(tmp_path / "merged_diffusers")
     assert convert_main(["to-torch", f"--src={tmp_path / 'run'}", f"--out={out}", "--ema"]) == 0
     from hyvideo_jax.convert import load_torch_dit

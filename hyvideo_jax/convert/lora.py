@@ -34,7 +34,7 @@ import numpy as np
 from hyvideo_jax.convert.dit import _get, _Group, conversion_groups, param_shapes
 from hyvideo_jax.convert.dit_layouts import official_to_diffusers
 from hyvideo_jax.convert.torch_io import TensorSource, to_numpy
-from hyvideo_jax.lora import LoRAConfig, input_dims, is_stacked
+from hyvideo_jax.lora import LoRAConfig, flat_adapters, input_dims, is_stacked
 from hyvideo_jax.models.dit import DiTConfig
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_down\.weight|lora_B\.weight|lora_up\.weight|alpha)$")
@@ -256,23 +256,13 @@ def load_lora(path_or_state_dict, config: DiTConfig | Mapping, *, adapter_config
         for part in name.split("/"):
             node = node.setdefault(part, {})
         node.update(a=a, b=b)
-    rank = max(np.shape(ad["a"])[-1] for ad in _flat(adapters).values())
+    rank = max(np.shape(ad["a"])[-1] for ad in flat_adapters(adapters).values())
     targets = tuple(f"^{re.escape(name)}$" for name in sorted(per_kernel))
     return adapters, LoRAConfig(rank=rank, alpha=float(rank), targets=targets)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # writing
-
-
-def _flat(tree, prefix: str = "") -> dict[str, Mapping]:
-    """"/"-joined path → {"a", "b"} of an adapter tree."""
-    if set(tree) == {"a", "b"}:
-        return {prefix: tree}
-    out = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}/{key}" if prefix else key))
-    return out
 
 
 def save_diffusers_lora(config: DiTConfig | Mapping, adapters, lora_config: LoRAConfig | Mapping, path) -> str:
@@ -288,7 +278,7 @@ def save_diffusers_lora(config: DiTConfig | Mapping, adapters, lora_config: LoRA
     linears = _linears(cfg)
     where = {(k.name, lin.group.layer): (official, k) for official, lin in linears.items() for k in lin.kernels}
     pieces: dict[str, list] = {}
-    for name, ad in _flat(nn.unbox(adapters)).items():
+    for name, ad in flat_adapters(nn.unbox(adapters)).items():
         a, b = np.asarray(ad["a"], np.float32), np.asarray(ad["b"], np.float32) * scale
         for i in (range(a.shape[0]) if is_stacked(name) else [None]):
             if (name, i) not in where:
