@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "av==18.1.0",                 # PyAV: video decode (data.prepare) and mp4 encode (data.synthetic)
     "importlib_resources==7.1.0",  # tensorflow_datasets imports it when building or reading a dataset
+    "mediapy==1.2.7",             # contact sheets (PNG) and videos shown in notebooks
+    "matplotlib==3.11.2",         # loss curves (the demo, the evaluation notebook)
 ]
 
 EXTRAS_REQUIRE = {
@@ -37,6 +39,9 @@ EXTRAS_REQUIRE = {
         "safetensors==0.8.0",
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",        # the suite runs on both cores: XLA compiles are mostly single-threaded
+        "nbclient==0.11.0",           # runs notebooks/evaluate_checkpoint.ipynb top to bottom
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
         # libtpu describes TPU topologies, so the AOT tests compile for TPU pods on a machine without TPUs.
         f"jax[tpu]=={JAX_VERSION}",
     ],

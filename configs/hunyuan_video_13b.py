@@ -85,7 +85,9 @@ def get_config():
         latent_dtype="bfloat16",
         text_dtype="bfloat16",
         video_index="",               # source "videos": a JSON file keeping probed shapes across restarts
-        caption_dropout=0.0,          # chance a sample trains on the empty prompt (for CFG later)
+        caption_dropout=0.0,
+        eval_path="",                 # evaluation clips (a prepared folder; a split name for tfds), or
+        eval_fraction=0.0,            # a share of the training records held out (never trained on)          # chance a sample trains on the empty prompt (for CFG later)
         prepare=ml_collections.ConfigDict(dict(
             fps=24.0,
             # (frames, height, width): 720p and 544p landscape, portrait and square, 129 and 65 frames.
@@ -122,5 +124,11 @@ def get_config():
         final_lr_fraction=0.1, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0,
         grad_accum_steps=1, ema_decay=0.9999, log_every_steps=50, checkpoint_every_steps=500, keep_checkpoints=3,
         async_checkpointing=True, profile_steps=0, peak_flops_per_device=0.0, initialize_distributed=True,
-        init_from=""))   # pretrained: a `convert to-flax` folder, mp_rank_00_model_states.pt, a diffusers folder
+        init_from="",    # pretrained: a `convert to-flax` folder, mp_rank_00_model_states.pt, a diffusers folder
+        eval_every_steps=0))   # e.g. 1000, with data.eval_path or data.eval_fraction (the final step always)
+    # Evaluation (hyvideo_jax/evaluate.py): validation loss at 8 fixed σ with fixed noise on the first 64 clips;
+    # the sample grid (eval.prompts, sizes from config.sample) by `python -m hyvideo_jax.evaluate` beside the run.
+    config.eval = ml_collections.ConfigDict(dict(
+        num_sigmas=8, sigmas=(), seed=0, batch_size=0, max_clips=64, use_ema=True, prompts=(), sample_grid=False,
+        sheet_columns=4))
     return config

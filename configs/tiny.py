@@ -82,7 +82,9 @@ def get_config():
         random_records=64,
         random_latent_shapes=((2, 4, 4), (3, 4, 6)),  # [T, H, W] latents; H, W even for patch_size 2
         video_index="",               # source "videos": a JSON file keeping probed shapes across restarts
-        caption_dropout=0.0,          # chance a sample trains on the empty prompt (for CFG later)
+        caption_dropout=0.0,
+        eval_path="",                 # evaluation clips (a prepared folder; a split name for tfds), or
+        eval_fraction=0.0,            # a share of the training records held out (never trained on)          # chance a sample trains on the empty prompt (for CFG later)
         prepare=ml_collections.ConfigDict(dict(
             fps=8.0,
             buckets=((5, 32, 32), (5, 16, 32)),  # (frames, height, width) pixels: one VAE tile, no tiling
@@ -114,5 +116,9 @@ def get_config():
         final_lr_fraction=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,
         grad_accum_steps=1, ema_decay=0.0, log_every_steps=1, checkpoint_every_steps=10, keep_checkpoints=3,
         async_checkpointing=True, profile_steps=0, peak_flops_per_device=0.0, initialize_distributed=False,
-        init_from=""))
+        init_from="", eval_every_steps=0))
+    # Evaluation (hyvideo_jax/evaluate.py): validation loss at 8 fixed σ with fixed noise; sample grid prompts.
+    config.eval = ml_collections.ConfigDict(dict(
+        num_sigmas=8, sigmas=(), seed=0, batch_size=0, max_clips=0, use_ema=True, prompts=(), sample_grid=False,
+        sheet_columns=4))
     return config

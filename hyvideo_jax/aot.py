@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 
 from hyvideo_jax.models.dit import forward_flops as dit_forward_flops
 from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
+from hyvideo_jax.parallel.sharding import batch_sharding
 
 # Per chip: HBM bytes and dense bf16 peak FLOP/s (public figures).
 CHIPS = {
@@ -202,7 +203,7 @@ def compile_train_step(config, topology: str, *, frames: int, height: int, width
             return step(state, b, r)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     report = compile_report(ruled_step, (abstract_state, batch_spec, rng), topology=topology, mesh=mesh,
-                            in_shardings=(shardings, train.batch_sharding(mesh), replicated),
+                            in_shardings=(shardings, batch_sharding(mesh), replicated),
                             out_shardings=(shardings, replicated), donate_argnums=(0,))
     flops = {"matmul": 3.0 * matmul, "attention": 3.0 * attn, "total": 3.0 * (matmul + attn),
              "image_tokens": float(image_tokens), "batch": float(batch)}
@@ -219,7 +220,7 @@ def compile_sample_step(config, topology: str, *, frames: int, height: int, widt
     and the model's FLOPs per step (forward only: matmul / attention / total)."""
     import flax.linen as nn
 
-    from hyvideo_jax import objectives, sample, train
+    from hyvideo_jax import objectives, sample
     from hyvideo_jax.models.dit import DiTConfig
     from hyvideo_jax.parallel.sharding import abstract_params, param_shardings
 
@@ -239,7 +240,7 @@ def compile_sample_step(config, topology: str, *, frames: int, height: int, widt
     boxed = abstract_params(task.model, *task.example_inputs(mesh))
     params = nn.unbox(boxed)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rows = train.batch_sharding(mesh) if batch % groups == 0 else replicated   # 1 video, CFG pair over 2 groups
+    rows = batch_sharding(mesh) if batch % groups == 0 else replicated   # 1 video, CFG pair over 2 groups
     spec, f32, text = jax.ShapeDtypeStruct, jax.numpy.float32, _text_specs(config, cfg, batch)
     args = dict(params=params, latents=spec((batch, *latent), f32), sigma=spec((), f32), sigma_next=spec((), f32),
                 cond=text, negative=text if true_cfg else None,

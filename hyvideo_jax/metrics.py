@@ -49,13 +49,13 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def read_metrics(workdir: str) -> dict[int, dict[str, float]]:
-    """{step: scalars} from WORKDIR/metrics.jsonl; for a step logged twice (before a crash and after the resume)
-    the later line wins."""
+    """{step: scalars} from WORKDIR/metrics.jsonl (the lines of one step merged: training and evaluation scalars);
+    for a scalar logged twice at a step (before a crash and after the resume) the later line wins."""
     rows = {}
     path = os.path.join(workdir, METRICS_FILE)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             for line in f:
                 row = json.loads(line)
-                rows[row.pop("step")] = row
+                rows.setdefault(row.pop("step"), {}).update(row)
     return rows

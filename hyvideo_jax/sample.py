@@ -45,6 +45,7 @@ from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.convert.dit_sources import load_dit, with_lora
 from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
+from hyvideo_jax.parallel.sharding import batch_sharding
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
@@ -265,23 +266,13 @@ def denoise(model: HunyuanVideoDiT, params, latents, text_states, text_mask, poo
     sigmas = jnp.asarray(flow.sigma_schedule(steps, shift))
     inputs = (latents, cond, negative, embedded_guidance(guidance, b))
     if mesh is not None:   # samples straight onto their devices (the model's 'batch' axes) rather than replicated
-        inputs = jax.device_put(inputs, _batch_sharding(mesh, rules, b))
+        inputs = jax.device_put(inputs, batch_sharding(mesh, rules, b))
     args = (params, inputs[0], sigmas, *inputs[1:], jnp.float32(true_cfg_scale))
     run = functools.partial(_denoise_loop, model, progress=progress)
     if mesh is None:
         return _REPORTER.run(steps, run, *args) if progress else run(*args)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return _REPORTER.run(steps, run, *args) if progress else run(*args)
-
-
-def _batch_sharding(mesh, rules, batch: int):
-    """Arrays [B, ...] split over the mesh axes of the logical 'batch' axis when B divides over them, else
-    replicated (a single video on an FSDP mesh: the model's constraints still spread its work)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-    spec = nn.logical_to_mesh_axes(("batch",), rules)
-    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
-    size = int(np.prod([dict(mesh.shape)[a] for a in axes])) if axes else 1
-    return NamedSharding(mesh, spec if batch % size == 0 else PartitionSpec())
 
 
 # --------------------------------------------------------------------------------------------------- prompts → video
@@ -324,9 +315,10 @@ class Sampler:
     @classmethod
     def from_config(cls, config, *, workdir=None, step: int | None = None, checkpoint=None, torch_weights=None,
                     vae_weights: str | None = None, lora_file: str | None = None, mesh=None, text=None,
-                    rules=LOGICAL_AXIS_RULES) -> "Sampler":
+                    dit=None, rules=LOGICAL_AXIS_RULES) -> "Sampler":
         """Everything `generate` needs, from a full config (model, text, vae, data.prepare, mesh, sample);
-        `lora_file` merges a LoRA into the transformer."""
+        `lora_file` merges a LoRA into the transformer. `dit` (DiTConfig, params, description) gives the
+        transformer instead of a weight source (params may be None and set later as `sampler.params`)."""
         from hyvideo_jax.convert.vae import load_vae
         from hyvideo_jax.data.prepare import PrepareConfig
         from hyvideo_jax.parallel.mesh import create_mesh
@@ -334,9 +326,10 @@ class Sampler:
 
         sample_config = SampleConfig.from_config(config.get("sample") or {})
         mesh = create_mesh(config.mesh) if mesh is None else mesh
-        dit_config, params, description = load_dit(config, workdir=workdir, step=step, checkpoint=checkpoint,
-                                                   torch_weights=torch_weights, use_ema=sample_config.use_ema,
-                                                   mesh=mesh, rules=rules)
+        if dit is None:
+            dit = load_dit(config, workdir=workdir, step=step, checkpoint=checkpoint, torch_weights=torch_weights,
+                           use_ema=sample_config.use_ema, mesh=mesh, rules=rules)
+        dit_config, params, description = dit
         if lora_file:
             params = with_lora(params, dit_config, lora_file, mesh)
             description += f", LoRA {lora_file} merged"

@@ -57,7 +57,7 @@ from hyvideo_jax.models.dit import DiTConfig
 from hyvideo_jax.objectives import OBJECTIVES, Task
 from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
-from hyvideo_jax.parallel.sharding import param_shardings
+from hyvideo_jax.parallel.sharding import batch_sharding, param_shardings
 
 LR_SCHEDULES = ("constant", "cosine")
 CONFIG_FILE = "config.json"
@@ -76,7 +76,9 @@ class TrainConfig:
     no EMA parameters, `profile_steps` 0 runs no profiler. `checkpoint_every_steps` also bounds the work lost to a
     crash; the last step is always saved. `init_from` starts a new run from pretrained transformer weights (a folder
     written by `python -m hyvideo_jax.convert to-flax`, an official `.pt` or `*_fp8.pt`, a diffusers folder); the
-    workdir's own checkpoints take precedence when there are any.
+    workdir's own checkpoints take precedence when there are any. With evaluation data (data.eval_path or
+    data.eval_fraction) the run computes the validation loss (`hyvideo_jax.evaluate`, `config.eval`) every
+    `eval_every_steps` (0: only) and at its final step.
     """
     objective: str = "flow"
     num_steps: int = 1000
@@ -99,6 +101,7 @@ class TrainConfig:
     peak_flops_per_device: float = 0.0
     initialize_distributed: bool = False
     init_from: str = ""
+    eval_every_steps: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -114,7 +117,7 @@ class TrainConfig:
         for f in ("num_steps", "grad_accum_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
             if int(getattr(self, f)) < 1:
                 fail(f, f"must be >= 1, got {getattr(self, f)}")
-        for f in ("warmup_steps", "profile_steps", "learning_rate", "weight_decay", "grad_clip_norm",
+        for f in ("warmup_steps", "profile_steps", "eval_every_steps", "learning_rate", "weight_decay", "grad_clip_norm",
                   "peak_flops_per_device", "adam_eps"):
             if getattr(self, f) < 0:
                 fail(f, f"must be >= 0, got {getattr(self, f)}")
@@ -311,11 +314,6 @@ def make_train_step(task: Task, tx, config: TrainConfig) -> Callable:
     return train_step
 
 
-def batch_sharding(mesh) -> NamedSharding:
-    """Batches are split over the batch axes ('data', 'fsdp') on their leading axis, replicated otherwise."""
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), LOGICAL_AXIS_RULES))
-
-
 class CompiledStep:
     """`train_step` compiled ahead of time per batch shape (buckets give several), with explicit shardings and the
     state donated; keeps each program's FLOPs (XLA cost analysis of the per-device program) and compile time."""
@@ -406,6 +404,16 @@ def validate_config(config) -> dict[str, Any]:
                          f"bfloat16), so that small updates and the EMA are not rounded away; bf16-stored parameters "
                          f"are for inference. Got {model.param_dtype!r}")
     sections["lora"] = lora_lib.LoRAConfig.from_config(config.get("lora"))
+    from hyvideo_jax.evaluate import EvalConfig
+    sections["eval"] = EvalConfig.from_config(config.get("eval"))
+    data = sections["data"]
+    sections["evaluate"] = bool(data.eval_path or data.eval_fraction)
+    if train.eval_every_steps and not sections["evaluate"]:
+        raise ValueError(f"train.eval_every_steps {train.eval_every_steps}: there is nothing to evaluate on; set "
+                         f"data.eval_path (prepared clips) or data.eval_fraction (held-out training records)")
+    if sections["evaluate"] and train.objective != "flow":
+        raise ValueError(f"data.eval_path / data.eval_fraction: evaluation is the transformer's validation loss; "
+                         f"objective {train.objective!r} has none")
     if sections["lora"].enabled and train.objective != "flow":
         raise ValueError(f"lora.rank: adapters train the transformer (objective 'flow'), not {train.objective!r}")
     if train.init_from and train.objective != "flow":
@@ -486,6 +494,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         if task.lora.init_from:
             state = start_adapters(state, config, mesh, shardings)
     start = int(state.step)
+    evaluator = None
+    if sections["evaluate"]:
+        from hyvideo_jax.evaluate import TrainingEvaluator
+        evaluator = TrainingEvaluator(config, workdir, mesh)
     logging.info("Process %d of %d: %d of %d devices, mesh %s, from step %d", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(), dict(mesh.shape), start)
 
@@ -528,6 +540,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                 writer.write_scalars(done, summary)
                 history, tokens, flops = [], 0, 0.0
                 interval_start, compile_before = time.perf_counter(), step_fn.compile_seconds
+            if evaluator is not None and (done == train_config.num_steps or (
+                    train_config.eval_every_steps and done % train_config.eval_every_steps == 0)):
+                scalars, sheet = evaluator(state, done)
+                writer.write_scalars(done, scalars)
+                if sheet is not None:
+                    writer.write_images(done, {"eval/samples": sheet[None]})
             stopping = stop.reached(done)
             if done % train_config.checkpoint_every_steps == 0 or done == train_config.num_steps or stopping:
                 manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state.replace(frozen=None)),

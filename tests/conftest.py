@@ -29,3 +29,13 @@ try:
     torch.set_num_threads(2)
 except ImportError:  # torch is a test dependency; tests that need it import it themselves
     pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_clips(tmp_path_factory):
+    """The demo's data at test size (tests/demo_data.py), prepared once per test process."""
+    from tests.demo_data import make_demo_clips
+    return make_demo_clips(str(tmp_path_factory.mktemp("demo")))

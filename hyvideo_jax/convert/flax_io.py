@@ -67,10 +67,8 @@ def training_config(workdir) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def training_params(workdir, targets, *, step: int | None = None, use_ema: bool = True, require_ema: bool = False):
-    """(params restored onto `targets` (with shardings: onto devices; without: NumPy), description) from a training
-    run's Orbax checkpoints of `step` (default: the latest): the EMA parameters when the run kept them (and
-    `use_ema`; `require_ema` makes their absence an error), else the parameters; only that part is read."""
+def _checkpoints(workdir) -> ocp.CheckpointManager:
+    """A read-only manager of WORKDIR/checkpoints (close it after use)."""
     from etils import epath
 
     # Orbax wants absolute paths; a local workdir may be given relative to where the command runs.
@@ -78,8 +76,29 @@ def training_params(workdir, targets, *, step: int | None = None, use_ema: bool 
     directory = epath.Path(os.path.abspath(os.fspath(workdir)) if local else workdir) / "checkpoints"
     if not directory.exists():
         raise FileNotFoundError(f"{workdir} has no checkpoints/ folder: is it a training workdir?")
-    manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+    return ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                 options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    """The steps of a training run's finished checkpoints, ascending (a checkpoint still being written is not
+    listed); [] before the run wrote its checkpoints/ folder."""
+    try:
+        manager = _checkpoints(workdir)
+    except FileNotFoundError:
+        return []
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def training_params(workdir, targets, *, step: int | None = None, use_ema: bool = True, require_ema: bool = False):
+    """(params restored onto `targets` (with shardings: onto devices; without: NumPy), description) from a training
+    run's Orbax checkpoints of `step` (default: the latest): the EMA parameters when the run kept them (and
+    `use_ema`; `require_ema` makes their absence an error), else the parameters; only that part is read."""
+    manager = _checkpoints(workdir)
+    directory = manager.directory
     try:
         steps = manager.all_steps()
         if not steps:

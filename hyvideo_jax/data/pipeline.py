@@ -65,6 +65,9 @@ class DataConfig:
     the VAE objective; `video_index`, if set, is a JSON file that keeps each video's probed bucket shape, so a
     restart probes only new or changed files). `num_epochs` 0 repeats forever. `caption_dropout` is the chance that
     a sample trains on the empty prompt's encoding instead of its caption's (for classifier-free guidance later).
+    Evaluation data (`eval_source`): `eval_path`, clips of the same source kind (a prepared folder for "arrayrecord",
+    a split name for "tfds"), or `eval_fraction` of the training records, held out deterministically (from the
+    run's seed) and never trained on.
     `worker_count` > 0 decodes batches in that many worker processes; `read_threads` threads otherwise.
     """
     source: str = "random"
@@ -90,6 +93,8 @@ class DataConfig:
     random_latent_shapes: tuple[tuple[int, int, int], ...] = ((5, 8, 8),)
     video_index: str = ""
     caption_dropout: float = 0.0
+    eval_path: str = ""
+    eval_fraction: float = 0.0
 
     def __post_init__(self):
         shapes = tuple(tuple(int(s) for s in shape) for shape in self.random_latent_shapes)
@@ -100,6 +105,17 @@ class DataConfig:
         """Raise ValueError naming the first inconsistent field."""
         def fail(field, msg):
             raise ValueError(f"data.{field}: {msg}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            fail("eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and self.eval_path:
+            fail("eval_fraction", f"evaluation data comes from data.eval_path ({self.eval_path}) or a held-out "
+                 f"fraction of the training records, not both")
+        if (self.eval_path or self.eval_fraction) and self.source == "videos":
+            fail("eval_path" if self.eval_path else "eval_fraction", "evaluation computes the transformer's "
+                 "validation loss on tokenized clips; the 'videos' source feeds the VAE objective")
+        if self.eval_path and self.source not in ("arrayrecord", "tfds"):
+            fail("eval_path", f"names clips of the same kind as data.source, which only 'arrayrecord' (a prepared "
+                 f"folder) and 'tfds' (a split) have; data.source is {self.source!r}: use data.eval_fraction")
         if not 0.0 <= self.caption_dropout < 1.0:
             fail("caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
         if self.source not in SOURCES:
@@ -429,6 +445,50 @@ def make_source(config: DataConfig, seed: int = 0, prepare=None, process_index: 
     return TfdsClipSource(config.tfds_name, config.tfds_split, config.tfds_data_dir)
 
 
+class SubsetSource:
+    """The records `indices` of a clip source, renumbered 0..len-1 (a training or held-out part of one source)."""
+
+    def __init__(self, source, indices: Sequence[int]):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def where(self, index: int) -> str:
+        return self.source.where(int(self.indices[index]))
+
+    def latent_shapes(self) -> np.ndarray:
+        return np.asarray(self.source.latent_shapes()).reshape(-1, 3)[self.indices]
+
+    def __getitem__(self, index: int) -> TokenizedClip:
+        return self.source[int(self.indices[index])]
+
+
+def held_out(num_records: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices), sorted: ⌈fraction · num_records⌉ records drawn from `seed` (the same
+    on every process and every restart); at least one record stays on each side."""
+    if num_records < 2:
+        raise ValueError(f"data.eval_fraction: a source of {num_records} record cannot be split")
+    count = min(max(int(np.ceil(fraction * num_records)), 1), num_records - 1)
+    chosen = np.random.default_rng([int(seed), 0xE7A1]).permutation(num_records)[:count]
+    mask = np.zeros(num_records, bool)
+    mask[chosen] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def eval_source(config: "DataConfig | Mapping[str, Any]", seed: int = 0):
+    """The evaluation clips `config` names (see DataConfig), or None when it names none."""
+    config = DataConfig.from_config(config)
+    if config.eval_path:
+        if config.source == "tfds":
+            return TfdsClipSource(config.tfds_name, config.eval_path, config.tfds_data_dir)
+        return ArrayRecordClipSource(config.eval_path)
+    if config.eval_fraction:
+        source = make_source(config, seed)
+        return SubsetSource(source, held_out(len(source), config.eval_fraction, seed)[1])
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------- batch plan
 def epoch_plan(latent_shapes: np.ndarray, global_batch_size: int, seed: int, epoch: int, shuffle: bool = True,
                drop_remainder: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -553,12 +613,20 @@ def _prepare_section(config):
 
 
 # ------------------------------------------------------------------------------------------------------ pipeline
+def training_source(config: DataConfig, seed: int, prepare=None, process_index: int = 0, source=None):
+    """The records trained on: `source` (default: the one config names) without the held-out evaluation records."""
+    source = make_source(config, seed, prepare, process_index) if source is None else source
+    if config.eval_fraction:
+        source = SubsetSource(source, held_out(len(source), config.eval_fraction, seed)[0])
+    return source
+
+
 def make_dataset(config: "DataConfig | Mapping[str, Any]", process_index: int, process_count: int, seed: int = 0,
                  source=None) -> grain.IterDataset:
     """The Grain IterDataset of this process's batches (see the module docstring); `source` overrides config's."""
     prepare = _prepare_section(config)
     config = DataConfig.from_config(config)
-    source = make_source(config, seed, prepare, process_index) if source is None else source
+    source = training_source(config, seed, prepare, process_index, source)
     if isinstance(source, VideoFileSource):
         shapes, load = source.video_shapes(), LoadVideoBatch(source)
     else:
@@ -592,6 +660,6 @@ def steps_per_epoch(config: "DataConfig | Mapping[str, Any]", seed: int = 0, sou
     """Number of batches in one epoch (the same on every process)."""
     prepare = _prepare_section(config)
     config = DataConfig.from_config(config)
-    source = make_source(config, seed, prepare) if source is None else source
+    source = training_source(config, seed, prepare, 0, source)
     shapes = source.video_shapes() if isinstance(source, VideoFileSource) else source.latent_shapes()
     return len(epoch_plan(shapes, config.global_batch_size, seed, 0, config.shuffle, config.drop_remainder)[0])

@@ -69,6 +69,16 @@ def place_params(params, boxed_or_shardings, mesh: Mesh | None = None, rules: Ru
     return jax.tree_util.tree_map(jax.device_put, params, shardings)
 
 
+def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES, batch: int | None = None) -> NamedSharding:
+    """Arrays [B, ...] split on their leading axis over the mesh axes of the logical 'batch' axis ('data', 'fsdp'),
+    replicated otherwise; given `batch`, replicated when B does not divide over them (a single video on an FSDP mesh:
+    the model's constraints still spread its work)."""
+    spec = nn.logical_to_mesh_axes(("batch",), rules)
+    if batch is not None and batch % _axes_size(mesh, spec[0] or ()):
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, spec)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
