@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "av==18.1.0",                 # PyAV: video decode (data.prepare) and mp4 encode (data.synthetic)
     "importlib_resources==7.1.0",  # tensorflow_datasets imports it when building or reading a dataset
     "mediapy==1.2.7",             # contact sheets (PNG) and videos shown in notebooks
+    "imageio-ffmpeg==0.8.1",      # an ffmpeg binary for mediapy's inline videos where the system has none
     "matplotlib==3.11.2",         # loss curves (the demo, the evaluation notebook)
 ]
 
