@@ -117,8 +117,8 @@ class TrainConfig:
         for f in ("num_steps", "grad_accum_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
             if int(getattr(self, f)) < 1:
                 fail(f, f"must be >= 1, got {getattr(self, f)}")
-        for f in ("warmup_steps", "profile_steps", "eval_every_steps", "learning_rate", "weight_decay", "grad_clip_norm",
-                  "peak_flops_per_device", "adam_eps"):
+        for f in ("warmup_steps", "profile_steps", "eval_every_steps", "learning_rate", "weight_decay",
+                  "grad_clip_norm", "peak_flops_per_device", "adam_eps"):
             if getattr(self, f) < 0:
                 fail(f, f"must be >= 0, got {getattr(self, f)}")
         for f in ("adam_b1", "adam_b2", "ema_decay", "final_lr_fraction"):
