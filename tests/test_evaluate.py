@@ -90,8 +90,13 @@ def test_training_evaluates_and_a_resumed_run_writes_the_same_numbers(demo_clips
     whole = eval_lines(tmp_path / "whole")
     assert sorted(whole) == [2, 4, 6]
 
-    partial = eval_config(demo_clips, num_steps=4, eval_every_steps=2, checkpoint_every_steps=2, learning_rate=2e-3)
-    train.train_and_evaluate(partial, str(tmp_path / "resumed"))
+    # Preempted after step 4's checkpoint (and its evaluation): the same workdir without step 6, resumed.
+    import shutil
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
+    metrics = tmp_path / "resumed" / train.METRICS_FILE
+    lines = [line for line in open(metrics) if json.loads(line)["step"] <= 4]
+    metrics.write_text("".join(lines))
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert eval_lines(tmp_path / "resumed") == whole
 
