@@ -35,7 +35,7 @@ from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.data import pipeline
 from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
-from hyvideo_jax.parallel.sharding import batch_sharding
+from hyvideo_jax.parallel.sharding import batch_sharding, replicated
 
 EVAL_DIR = "eval"
 SHEET = "contact_sheet.png"
@@ -136,7 +136,8 @@ class LossEvaluator:
         self.batch_size = self.config.batch_size or data.global_batch_size
         self.batches = eval_batches(self.source.latent_shapes(), self.batch_size, self.config.max_clips)
         self.sigmas = self.config.grid
-        self._losses = jax.jit(self._per_clip)
+        # Per-clip losses replicated: every process reads them all (a sharded output spans other hosts' devices).
+        self._losses = jax.jit(self._per_clip, out_shardings=replicated(mesh))
 
     def _per_clip(self, params, batch, sigma, sigma_index):
         """Per-clip MSE [B] of the velocity prediction at noise level `sigma` (grid point `sigma_index`)."""

@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from hyvideo_jax import flow
 from hyvideo_jax.config_fields import from_fields
@@ -391,7 +392,8 @@ class Sampler:
             out = denoise(self.model, self.params, noise, states[rows], mask[rows], pooled[rows], steps=sc.steps,
                           shift=sc.shift, guidance=guidance, negative=negative, true_cfg_scale=sc.true_cfg_scale,
                           progress=sc.progress, mesh=self.mesh, rules=self.rules)
-            latents.append(np.asarray(out)[:min(batch, n - first)])
+            # Gathered: with several processes, the batch's rows sit on other hosts' devices too.
+            latents.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:min(batch, n - first)])
         latents = np.concatenate(latents)
         seconds["denoise"] = time.perf_counter() - start
         start = time.perf_counter()

@@ -20,7 +20,8 @@ SHAPES = ((2, 4, 4),)   # one batch shape: one compile per run
 
 def start_pair(workdir, cache_dir):
     address = f"localhost:{free_port()}"
-    flags = [*overrides(STEPS, SHAPES), f"--coordinator_address={address}", "--num_processes=2"]
+    flags = [*overrides(STEPS, SHAPES), "--config.data.eval_fraction=0.25", f"--coordinator_address={address}",
+             "--num_processes=2"]
     return [start(workdir, cache_dir, [*flags, f"--process_id={i}"], devices=4, log_name=f"process{i}.log")
             for i in range(2)]
 
@@ -41,7 +42,7 @@ def saved_steps(workdir):
 def test_two_processes_train_as_one_and_survive_preemption(tmp_path):
     cache = str(tmp_path / "compilation_cache")
     reference, pair = str(tmp_path / "reference"), str(tmp_path / "pair")
-    single = start(reference, cache, overrides(STEPS, SHAPES))
+    single = start(reference, cache, [*overrides(STEPS, SHAPES), "--config.data.eval_fraction=0.25"])
     assert wait_all([single]) == [0]
 
     procs = start_pair(pair, cache)
@@ -75,4 +76,7 @@ def test_two_processes_train_as_one_and_survive_preemption(tmp_path):
     # Cross-process all-reduces may sum in another order than one process's, so float rounding may differ; a wrong
     # shard of data or a missed reduction moves losses by ~1e-2.
     assert loss_err < 1e-5 and param_err < 1e-6
+    # The final step's validation loss (held-out records) does not depend on the number of processes either.
+    np.testing.assert_allclose(got[STEPS]["eval/loss"], ref_metrics[STEPS]["eval/loss"], rtol=1e-5)
+    assert got[STEPS]["eval/clips"] == ref_metrics[STEPS]["eval/clips"] == 3
     assert int(state.step) == STEPS and int(state.skipped) == int(ref_state.skipped) == 0
