@@ -57,7 +57,7 @@ from hyvideo_jax.models.dit import DiTConfig
 from hyvideo_jax.objectives import OBJECTIVES, Task
 from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
-from hyvideo_jax.parallel.sharding import batch_sharding, param_shardings
+from hyvideo_jax.parallel.sharding import batch_sharding, param_shardings, process_rows
 
 LR_SCHEDULES = ("constant", "cosine")
 CONFIG_FILE = "config.json"
@@ -316,11 +316,17 @@ def make_train_step(task: Task, tx, config: TrainConfig) -> Callable:
 
 class CompiledStep:
     """`train_step` compiled ahead of time per batch shape (buckets give several), with explicit shardings and the
-    state donated; keeps each program's FLOPs (XLA cost analysis of the per-device program) and compile time."""
+    state donated; keeps each program's FLOPs (XLA cost analysis of the per-device program) and compile time.
 
-    def __init__(self, train_step: Callable, mesh, shardings, rules=LOGICAL_AXIS_RULES):
+    `global_batch_size` B: this process reads the rows `rows` of each global batch (the rows its devices hold, the
+    same rows for processes that share a batch shard); default, B = the local rows × the number of processes."""
+
+    def __init__(self, train_step: Callable, mesh, shardings, rules=LOGICAL_AXIS_RULES,
+                 global_batch_size: int | None = None):
         self.mesh, self.rules = mesh, rules
         self.batch_sharding = batch_sharding(mesh)
+        self.global_batch_size = global_batch_size
+        self.rows = None if global_batch_size is None else process_rows(self.batch_sharding, global_batch_size)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.jitted = jax.jit(train_step, in_shardings=(shardings, self.batch_sharding, replicated),
                               out_shardings=(shardings, replicated), donate_argnums=0)
@@ -329,8 +335,21 @@ class CompiledStep:
         self.compile_seconds = 0.0
 
     def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows → one global array per key, sharded over the batch axes."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in local.items()}
+        """This process's rows (`rows`, in order) → one global array per key, sharded over the batch axes."""
+        if self.rows is None:
+            return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                    for k, v in local.items()}
+        where = np.full(self.global_batch_size, -1, np.int64)
+        where[self.rows] = np.arange(len(self.rows))
+
+        def place(value):
+            value = np.asarray(value)
+            if value.shape[0] != len(self.rows):
+                raise ValueError(f"this process reads {len(self.rows)} rows of each batch, got {value.shape[0]}")
+            return jax.make_array_from_callback(
+                (self.global_batch_size, *value.shape[1:]), self.batch_sharding,
+                lambda index: value[where[np.arange(self.global_batch_size)[index[0]]]][(slice(None), *index[1:])])
+        return {k: place(v) for k, v in local.items()}
 
     def __call__(self, state, batch, rng):
         key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
@@ -472,8 +491,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     task = OBJECTIVES[train_config.objective](config)
     tx = make_optimizer(train_config)
     abstract_state, shardings = state_shardings(task, tx, train_config, mesh)
-    step_fn = CompiledStep(make_train_step(task, tx, train_config), mesh, shardings)
-    iterator = pipeline.make_train_pipeline(config.data, seed=config.seed)
+    step_fn = CompiledStep(make_train_step(task, tx, train_config), mesh, shardings,
+                           global_batch_size=sections["data"].global_batch_size)
+    iterator = pipeline.make_train_pipeline(config.data, seed=config.seed, slots=step_fn.rows)
     init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))   # rng: folded with the step in train_step
 
     def initial_state():

@@ -520,20 +520,29 @@ def epoch_plan(latent_shapes: np.ndarray, global_batch_size: int, seed: int, epo
 
 
 class ProcessBatchPlan:
-    """step ↦ (latent shape [3], this process's record indices [B]) of the epoch plans (picklable for workers)."""
+    """step ↦ (latent shape [3], this process's record indices) of the epoch plans (picklable for workers).
+
+    `slots`: the positions of the global batch this process reads (`parallel.sharding.process_rows` of the batch
+    sharding: processes that hold the same rows read the same records); default, the process's contiguous block of
+    global_batch_size / process_count."""
 
     def __init__(self, latent_shapes: np.ndarray, global_batch_size: int, process_index: int, process_count: int,
-                 seed: int, shuffle: bool, drop_remainder: bool):
-        if global_batch_size % process_count:
-            raise ValueError(f"data.global_batch_size {global_batch_size} is not divisible by the "
-                             f"{process_count} processes")
+                 seed: int, shuffle: bool, drop_remainder: bool, slots: Sequence[int] | None = None):
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+        if slots is None:
+            if global_batch_size % process_count:
+                raise ValueError(f"data.global_batch_size {global_batch_size} is not divisible by the "
+                                 f"{process_count} processes")
+            local = global_batch_size // process_count
+            slots = np.arange(process_index * local, (process_index + 1) * local)
+        self.slots = np.asarray(slots, np.int64)
+        if not len(self.slots) or self.slots.min() < 0 or self.slots.max() >= global_batch_size:
+            raise ValueError(f"batch slots {self.slots.tolist()} must be non-empty positions in a global batch of "
+                             f"{global_batch_size}")
         self.latent_shapes = np.asarray(latent_shapes, np.int64).reshape(-1, 3)
         self.global_batch_size, self.seed = global_batch_size, seed
         self.shuffle, self.drop_remainder = shuffle, drop_remainder
-        local = global_batch_size // process_count
-        self.slots = slice(process_index * local, (process_index + 1) * local)
         self.steps_per_epoch = len(self._plan(0)[0])
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -622,8 +631,9 @@ def training_source(config: DataConfig, seed: int, prepare=None, process_index: 
 
 
 def make_dataset(config: "DataConfig | Mapping[str, Any]", process_index: int, process_count: int, seed: int = 0,
-                 source=None) -> grain.IterDataset:
-    """The Grain IterDataset of this process's batches (see the module docstring); `source` overrides config's."""
+                 source=None, slots: Sequence[int] | None = None) -> grain.IterDataset:
+    """The Grain IterDataset of this process's batches (see the module docstring); `source` overrides config's;
+    `slots` are the global batch positions this process reads (ProcessBatchPlan)."""
     prepare = _prepare_section(config)
     config = DataConfig.from_config(config)
     source = training_source(config, seed, prepare, process_index, source)
@@ -632,7 +642,7 @@ def make_dataset(config: "DataConfig | Mapping[str, Any]", process_index: int, p
     else:
         shapes, load = source.latent_shapes(), LoadBatch(source, config)
     plan = ProcessBatchPlan(shapes, config.global_batch_size, process_index, process_count, seed,
-                            config.shuffle, config.drop_remainder)
+                            config.shuffle, config.drop_remainder, slots)
     epochs = config.num_epochs or _FOREVER_EPOCHS
     ds = grain.MapDataset.range(plan.steps_per_epoch * epochs).map(plan).map(load)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
@@ -648,12 +658,13 @@ def make_dataset(config: "DataConfig | Mapping[str, Any]", process_index: int, p
 
 
 def make_train_pipeline(config: "DataConfig | Mapping[str, Any]", process_index: int | None = None,
-                        process_count: int | None = None, seed: int = 0, source=None) -> grain.DatasetIterator:
+                        process_count: int | None = None, seed: int = 0, source=None,
+                        slots: Sequence[int] | None = None) -> grain.DatasetIterator:
     """An iterator of this process's batches with `get_state()` / `set_state(state)`; processes default to JAX's."""
     if process_index is None or process_count is None:
         import jax
         process_index, process_count = jax.process_index(), jax.process_count()
-    return iter(make_dataset(config, process_index, process_count, seed, source))
+    return iter(make_dataset(config, process_index, process_count, seed, source, slots))
 
 
 def steps_per_epoch(config: "DataConfig | Mapping[str, Any]", seed: int = 0, source=None) -> int:

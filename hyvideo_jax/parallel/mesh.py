@@ -61,9 +61,13 @@ def create_mesh(config: "MeshConfig | Mapping[str, Any]", devices: Sequence[Any]
     devices = list(jax.devices() if devices is None else devices)
     ici, dcn = config.resolve(len(devices))
     if math.prod(dcn) > 1:
-        if hasattr(devices[0], "slice_index"):
+        slices = {getattr(d, "slice_index", 0) for d in devices}
+        if len(slices) > 1:
+            if len(slices) != math.prod(dcn):
+                raise ValueError(f"mesh.dcn {dcn} describes {math.prod(dcn)} slices, the devices are on "
+                                 f"{len(slices)}")
             grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
-        else:  # devices without slices (CPU, one GPU host): consecutive blocks of devices play the slices
+        else:  # one slice (CPU or GPU hosts): consecutive blocks of devices (processes, in order) play the slices
             n = len(MESH_AXES)
             grid = np.asarray(devices).reshape(tuple(dcn) + tuple(ici))
             grid = grid.transpose([i for pair in zip(range(n), range(n, 2 * n)) for i in pair])

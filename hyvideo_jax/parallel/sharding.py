@@ -79,6 +79,19 @@ def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES, batch: int | N
     return NamedSharding(mesh, spec)
 
 
+def process_rows(sharding, batch: int, process_index: int | None = None):
+    """The rows of a [batch, ...] array placed by `sharding` that the devices of process `process_index` (default:
+    this one) hold, ascending. Processes whose devices share a batch shard (the mesh's sequence or tensor axis
+    spanning hosts) get the same rows: they must read the same records."""
+    import numpy as np
+    process = jax.process_index() if process_index is None else process_index
+    rows: set[int] = set()
+    for device, index in sharding.devices_indices_map((batch,)).items():
+        if device.process_index == process:
+            rows.update(range(*index[0].indices(batch)))
+    return np.asarray(sorted(rows), np.int64)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
