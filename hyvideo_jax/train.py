@@ -13,12 +13,6 @@ objective returns a sum over the samples of a micro-batch and the number of samp
 accumulation over k micro-batches gives exactly the gradient of the mean over the whole batch, with padding slots
 (`valid` False) left out.
 
-One step (`make_train_step`): per-sample PRNG keys from fold_in(seed key, step), the batch split into
-`grad_accum_steps` micro-batches (strided, so each stays sharded over the batch axes) and scanned, gradients
-divided by the valid count, global-norm clipping and AdamW (warmup + constant or cosine learning rate, weight decay
-on kernels only), EMA of the parameters. A step whose loss or gradient norm is not finite leaves params, optimizer
-state and EMA untouched and increments `skipped`; `step` always advances, since the batch was consumed.
-
 The loop: the state is created directly sharded on the mesh (jit with out_shardings; no device holds the whole
 model) or restored from the latest Orbax checkpoint in WORKDIR/checkpoints, on whatever mesh the config now
 describes. A checkpoint holds the train state and the data iterator's state (JSON) as one composite item, written
@@ -28,348 +22,39 @@ TensorBoard, the log and WORKDIR/metrics.jsonl (process 0 only): loss, grad norm
 step time, image tokens/s and model-FLOPs utilization from the compiled step's cost analysis.
 """
 
-import dataclasses
 import json
 import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import flax
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 from hyvideo_jax import flow
 from hyvideo_jax import lora as lora_lib
-from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.data import pipeline
-from hyvideo_jax.metrics import METRICS_FILE, JsonlWriter, read_metrics  # noqa: F401 (a run's metrics, read back)
+from hyvideo_jax.metrics import METRICS_FILE, JsonlWriter, read_metrics
 from hyvideo_jax.models.dit import DiTConfig
-from hyvideo_jax.objectives import OBJECTIVES, Task
+from hyvideo_jax.objectives import OBJECTIVES
 from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
-from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
-from hyvideo_jax.parallel.sharding import batch_sharding, param_shardings, process_rows
+# The state and the step, re-exported: `train` is the one module a training script or test needs.
+from hyvideo_jax.train_step import (DECAYED_PARAMETERS, LR_SCHEDULES, PEAK_FLOPS, CompiledStep,
+                                    TrainConfig, TrainState, create_train_state, decay_mask, learning_rate_schedule,
+                                    make_optimizer, make_train_step, peak_flops_per_device, pretrained_params,
+                                    start_adapters, state_from_params, state_shardings)
 
-LR_SCHEDULES = ("constant", "cosine")
 CONFIG_FILE = "config.json"
-# Dense bf16 peak FLOP/s per device (public figures), matched against `device.device_kind` by substring, first
-# match wins. Devices not listed (CPUs) get no MFU unless train.peak_flops_per_device is set.
-PEAK_FLOPS = (("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
-              ("TPU v4", 275e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """The `config.train` section.
-
-    Learning rate: linear warmup from 0 over `warmup_steps`, then constant or cosine decay to
-    `learning_rate · final_lr_fraction` at `num_steps`. `grad_clip_norm` 0 disables clipping, `ema_decay` 0 keeps
-    no EMA parameters, `profile_steps` 0 runs no profiler. `checkpoint_every_steps` also bounds the work lost to a
-    crash; the last step is always saved. `init_from` starts a new run from pretrained transformer weights (a folder
-    written by `python -m hyvideo_jax.convert to-flax`, an official `.pt` or `*_fp8.pt`, a diffusers folder); the
-    workdir's own checkpoints take precedence when there are any. With evaluation data (data.eval_path or
-    data.eval_fraction) the run computes the validation loss (`hyvideo_jax.evaluate`, `config.eval`) every
-    `eval_every_steps` (0: only) and at its final step.
-    """
-    objective: str = "flow"
-    num_steps: int = 1000
-    learning_rate: float = 1e-4
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    final_lr_fraction: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 1.0
-    grad_accum_steps: int = 1
-    ema_decay: float = 0.0
-    log_every_steps: int = 50
-    checkpoint_every_steps: int = 1000
-    keep_checkpoints: int = 3
-    async_checkpointing: bool = True
-    profile_steps: int = 0
-    peak_flops_per_device: float = 0.0
-    initialize_distributed: bool = False
-    init_from: str = ""
-    eval_every_steps: int = 0
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self):
-        """Raise ValueError naming the first inconsistent field."""
-        def fail(field, msg):
-            raise ValueError(f"train.{field}: {msg}")
-        if self.objective not in OBJECTIVES:
-            fail("objective", f"must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            fail("lr_schedule", f"must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        for f in ("num_steps", "grad_accum_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-            if int(getattr(self, f)) < 1:
-                fail(f, f"must be >= 1, got {getattr(self, f)}")
-        for f in ("warmup_steps", "profile_steps", "eval_every_steps", "learning_rate", "weight_decay",
-                  "grad_clip_norm", "peak_flops_per_device", "adam_eps"):
-            if getattr(self, f) < 0:
-                fail(f, f"must be >= 0, got {getattr(self, f)}")
-        for f in ("adam_b1", "adam_b2", "ema_decay", "final_lr_fraction"):
-            if not 0.0 <= getattr(self, f) < 1.0 + (f == "final_lr_fraction"):
-                fail(f, f"must be in [0, 1{']' if f == 'final_lr_fraction' else ')'}, got {getattr(self, f)}")
-
-    @classmethod
-    def from_config(cls, config: "TrainConfig | Mapping[str, Any]") -> "TrainConfig":
-        return from_fields(cls, config, "train")
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a step changes. `step` counts consumed batches (applied or skipped), `skipped` the steps whose
-    update was dropped as non-finite; `ema_params` is None without EMA. With LoRA, `params` are the adapters and
-    `frozen` the base weights they adapt (never updated, never in the optimizer, not written to checkpoints: they
-    come back from `train.init_from` or the seed)."""
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    ema_params: Any
-    skipped: jax.Array
-    frozen: Any = None
-
-
-# ------------------------------------------------------------------------------------------------ state and step
-def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0 to `learning_rate`, then constant or cosine decay (see TrainConfig)."""
-    lr, warmup = config.learning_rate, config.warmup_steps
-    if config.lr_schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(config.num_steps, warmup + 1),
-                                                  end_value=lr * config.final_lr_fraction)
-    if warmup == 0:
-        return optax.constant_schedule(lr)
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
-
-
-# Weight decay applies to these parameters, chosen by name: rank says nothing once `nn.scan` stacks biases and norm
-# scales on a `layers` axis (and some biases have several axes outside scan too).
-DECAYED_PARAMETERS = ("kernel",)
-
-
-def decay_mask(params):
-    """True for the leaves of `params` (plain or boxed) whose name is in DECAYED_PARAMETERS."""
-    def decayed(path, _):
-        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-        return bool(names) and names[-1] in DECAYED_PARAMETERS
-    return jax.tree_util.tree_map_with_path(decayed, params)
-
-
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping + AdamW (first moment kept in fp32; the second follows the fp32 master parameters);
-    weight decay on kernels only (`decay_mask`)."""
-    adamw = optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                        weight_decay=config.weight_decay, mu_dtype=jnp.float32, mask=decay_mask)
-    if config.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-    return adamw
-
-
-def _new_state(task: Task, tx, config: TrainConfig, weights, rng) -> TrainState:
-    """Step 0 around model weights (plain or boxed): they are trained, or with LoRA frozen under new adapters."""
-    frozen = None
-    params = weights
-    if task.lora.enabled:
-        frozen, params = weights, lora_lib.init_adapters(weights, task.lora, jax.random.fold_in(rng, 1))
-        if task.lora.base_dtype:
-            frozen = jax.tree.map(lambda w: w.astype(task.lora.base_dtype), frozen)
-    ema = jax.tree.map(lambda p: p.astype(jnp.float32), params) if config.ema_decay > 0 else None
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=ema,
-                      skipped=jnp.zeros((), jnp.int32), frozen=frozen)
-
-
-def _init_boxed(task: Task, tx, config: TrainConfig, mesh, rng) -> TrainState:
-    weights = task.model.init(rng, *task.example_inputs(mesh))["params"]   # nn.Partitioned leaves (logical axes)
-    return _new_state(task, tx, config, weights, rng)
-
-
-def state_shardings(task: Task, tx, config: TrainConfig, mesh, rules=LOGICAL_AXIS_RULES):
-    """(abstract TrainState with shardings, tree of NamedShardings): optimizer moments and EMA inherit the logical
-    axes of their parameters (optax maps over the boxed leaves); counters are replicated."""
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)  # abstract: the mesh may describe devices not attached (AOT)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(lambda r: _init_boxed(task, tx, config, mesh, r), key)
-    shardings = param_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed),
-                            shardings)
-    return abstract, shardings
-
-
-def create_train_state(task: Task, tx, config: TrainConfig, mesh, rng, rules=LOGICAL_AXIS_RULES) -> TrainState:
-    """A fresh TrainState initialized on the mesh: each device computes only its shards (jit out_shardings)."""
-    _, shardings = state_shardings(task, tx, config, mesh, rules)
-
-    def init(r):
-        with nn.logical_axis_rules(rules):
-            return nn.unbox(_init_boxed(task, tx, config, mesh, r))
-    with jax.set_mesh(mesh):
-        return jax.jit(init, out_shardings=shardings)(rng)
-
-
-def state_from_params(task: Task, tx, config: TrainConfig, mesh, params, rng=None,
-                      rules=LOGICAL_AXIS_RULES) -> TrainState:
-    """A fresh TrainState around given (placed) model weights: zero optimizer state, EMA starting from the same
-    weights (fp32), or with LoRA the weights frozen under new adapters (from `rng`); built on the mesh with the
-    state's shardings."""
-    _, shardings = state_shardings(task, tx, config, mesh, rules)
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    weights = shardings.frozen if task.lora.enabled else shardings.params
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jax.jit(lambda p, r: nn.unbox(_new_state(task, tx, config, p, r)),
-                       in_shardings=(weights, None), out_shardings=shardings)(params, rng)
-
-
-def pretrained_params(config, mesh, rules=LOGICAL_AXIS_RULES):
-    """`train.init_from`'s transformer weights, checked against `config.model` (same architecture, else an error
-    naming the fields), cast to its parameter dtype and placed on the mesh tensor by tensor."""
-    from hyvideo_jax.convert.dit import load_dit_sharded
-    source = TrainConfig.from_config(config.train).init_from
-    _, params = load_dit_sharded(source, mesh, like=DiTConfig.from_config(config.model), strict=True, rules=rules)
-    return params
-
-
-def start_adapters(state: TrainState, config, mesh, shardings) -> TrainState:
-    """A fresh LoRA state whose adapters (and EMA) continue `lora.init_from`'s LoRA file (`lora.start_from`): the
-    file is read on every process, placed replicated, and combined on the mesh into the adapters' shardings."""
-    from hyvideo_jax.convert.lora import load_lora
-    lora = lora_lib.LoRAConfig.from_config(config.lora)
-    loaded, loaded_config = load_lora(lora.init_from, DiTConfig.from_config(config.model))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    loaded = jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: x[i]), loaded)
-    with jax.set_mesh(mesh):
-        params = jax.jit(lambda ad, ld: lora_lib.start_from(ad, ld, loaded_config, lora),
-                         out_shardings=shardings.params)(state.params, loaded)
-        ema = None if state.ema_params is None else jax.jit(
-            lambda p: jax.tree.map(lambda x: x.astype(jnp.float32), p), out_shardings=shardings.ema_params)(params)
-    logging.info("LoRA adapters start from %s (rank %d, %d kernels)", lora.init_from, loaded_config.rank,
-                 len(lora_lib.flat_adapters(loaded)))
-    return state.replace(params=params, ema_params=ema)
-
-
-def make_train_step(task: Task, tx, config: TrainConfig) -> Callable:
-    """The pure `train_step(state, batch, rng) -> (state, metrics)`; `rng` is the run's key, folded with the step.
-
-    batch: dict of [B, ...] arrays (task.batch_keys); B must divide by grad_accum_steps. Micro-batch j takes rows
-    j, j + k, j + 2k, ... so that a batch sharded over devices gives micro-batches sharded the same way.
-    """
-    k = config.grad_accum_steps
-    schedule = learning_rate_schedule(config)
-
-    def objective(params, batch, rngs, frozen):
-        if frozen is not None:   # LoRA: the adapted weights, gradients reach the adapters only
-            params = lora_lib.merge(jax.lax.stop_gradient(frozen), params, task.lora)
-        return task.objective(params, batch, rngs)
-
-    def train_step(state: TrainState, batch, rng):
-        b = next(iter(batch.values())).shape[0]
-        rngs = jax.random.split(jax.random.fold_in(rng, state.step), b)
-        grad_fn = jax.value_and_grad(lambda p, bt, r: objective(p, bt, r, state.frozen), has_aux=True)
-
-        def micro_batch(carry, inputs):   # accumulates in fp32, whatever the gradients' dtype
-            (_, sums), grads = grad_fn(state.params, *inputs)
-            return jax.tree.map(lambda c, g: c + g.astype(c.dtype), carry, (grads, sums)), None
-        if k == 1:
-            (_, sums), grads = grad_fn(state.params, batch, rngs)
-        else:
-            split = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(b // k, k, *x.shape[1:]), 0, 1), (batch, rngs))
-            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32),
-                                 jax.eval_shape(lambda: grad_fn(state.params, *jax.tree.map(lambda x: x[0], split))))
-            (grads, sums), _ = jax.lax.scan(micro_batch, (zeros[1], zeros[0][1]), split)
-        count = jnp.maximum(sums.pop("count"), 1.0)
-        grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, state.params)
-        metrics = {name: value / count for name, value in sums.items()}
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = state.ema_params
-        if ema is not None:
-            ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1.0 - config.ema_decay) * p.astype(e.dtype),
-                               ema, params)
-
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        skipped = state.skipped + (~finite).astype(jnp.int32)
-        new_state = state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
-                                  opt_state=keep_if_finite(opt_state, state.opt_state),
-                                  ema_params=keep_if_finite(ema, state.ema_params), skipped=skipped)
-        metrics.update(grad_norm=grad_norm, learning_rate=schedule(state.step - state.skipped),
-                       skipped_steps=skipped, valid_samples=count)
-        return new_state, metrics
-    return train_step
-
-
-class CompiledStep:
-    """`train_step` compiled ahead of time per batch shape (buckets give several), with explicit shardings and the
-    state donated; keeps each program's FLOPs (XLA cost analysis of the per-device program) and compile time.
-
-    `global_batch_size` B: this process reads the rows `rows` of each global batch (the rows its devices hold, the
-    same rows for processes that share a batch shard); default, B = the local rows × the number of processes."""
-
-    def __init__(self, train_step: Callable, mesh, shardings, rules=LOGICAL_AXIS_RULES,
-                 global_batch_size: int | None = None):
-        self.mesh, self.rules = mesh, rules
-        self.batch_sharding = batch_sharding(mesh)
-        self.global_batch_size = global_batch_size
-        self.rows = None if global_batch_size is None else process_rows(self.batch_sharding, global_batch_size)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        self.jitted = jax.jit(train_step, in_shardings=(shardings, self.batch_sharding, replicated),
-                              out_shardings=(shardings, replicated), donate_argnums=0)
-        self.programs: dict[tuple, Any] = {}
-        self.flops: dict[tuple, float] = {}
-        self.compile_seconds = 0.0
-
-    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows (`rows`, in order) → one global array per key, sharded over the batch axes."""
-        if self.rows is None:
-            return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-                    for k, v in local.items()}
-        where = np.full(self.global_batch_size, -1, np.int64)
-        where[self.rows] = np.arange(len(self.rows))
-
-        def place(value):
-            value = np.asarray(value)
-            if value.shape[0] != len(self.rows):
-                raise ValueError(f"this process reads {len(self.rows)} rows of each batch, got {value.shape[0]}")
-            return jax.make_array_from_callback(
-                (self.global_batch_size, *value.shape[1:]), self.batch_sharding,
-                lambda index: value[where[np.arange(self.global_batch_size)[index[0]]]][(slice(None), *index[1:])])
-        return {k: place(v) for k, v in local.items()}
-
-    def __call__(self, state, batch, rng):
-        key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
-        if key not in self.programs:
-            start = time.perf_counter()
-            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-                compiled = self.jitted.lower(state, batch, rng).compile()
-            self.compile_seconds += time.perf_counter() - start
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            self.programs[key], self.flops[key] = compiled, float((cost or {}).get("flops", 0.0))
-        return self.programs[key](state, batch, rng), self.flops[key]
-
-
-def peak_flops_per_device(config: TrainConfig) -> float:
-    """The configured peak, else the table's entry for this device kind, else 0 (no MFU)."""
-    if config.peak_flops_per_device:
-        return config.peak_flops_per_device
-    kind = jax.devices()[0].device_kind
-    return next((peak for name, peak in PEAK_FLOPS if name in kind), 0.0)
+__all__ = ["CONFIG_FILE", "DECAYED_PARAMETERS", "LR_SCHEDULES", "METRICS_FILE", "OBJECTIVES", "PEAK_FLOPS",
+           "CompiledStep", "JsonlWriter", "TrainConfig", "TrainState", "checkpoint_manager", "create_train_state",
+           "decay_mask", "learning_rate_schedule", "main", "make_optimizer", "make_train_step", "peak_flops_per_device",
+           "pretrained_params", "read_metrics", "restore_checkpoint", "start_adapters", "state_from_params",
+           "state_shardings", "train_and_evaluate", "validate_config"]
 
 
 # ----------------------------------------------------------------------------------------------------------- loop
@@ -380,6 +65,13 @@ def checkpoint_manager(workdir: str, config: TrainConfig) -> ocp.CheckpointManag
                                            cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
                                  item_names=("state", "data"))
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, iterator):
+    """The state (without a LoRA run's frozen base, which `train.init_from` gives back) and the data iterator's
+    position, as one checkpoint of `step` (asynchronous when the manager is)."""
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state.replace(frozen=None)),
+                                               data=ocp.args.JsonSave(iterator.get_state())), force=True)
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
@@ -476,6 +168,38 @@ class _StopSignal:
         return self.event.is_set()
 
 
+class NonFiniteSteps(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient norm."""
+
+
+class SkipWatch:
+    """Counts consecutive skipped (non-finite) steps from the steps' running `skipped_steps` counts, read one step
+    late so the host never waits for the step it has just dispatched, or at once (`flush`) before a checkpoint; at
+    `limit` in a row (0: never) it raises NonFiniteSteps, so nothing after them is saved."""
+
+    def __init__(self, limit: int, skipped_before: int):
+        self.limit, self.last, self.run = limit, skipped_before, 0
+        self.pending: tuple[int, Any] | None = None
+
+    def observe(self, step: int, skipped_count):
+        self.flush()
+        self.pending = (step, skipped_count)
+
+    def flush(self):
+        if self.pending is None:
+            return
+        step, count = self.pending
+        self.pending = None
+        count = int(count)
+        self.run = self.run + 1 if count > self.last else 0
+        self.last = count
+        if self.limit and self.run >= self.limit:
+            raise NonFiniteSteps(f"{self.run} consecutive steps ({step - self.run + 1} to {step}) had a non-finite "
+                                 f"loss or gradient norm (train.max_consecutive_skips={self.limit}); stopping without "
+                                 f"saving them. Lower the learning rate, check those steps' data, or resume from the "
+                                 f"last checkpoint.")
+
+
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
     host = jax.device_get(history)
     means = {k: float(np.mean([h[k] for h in host])) for k in host[0]}
@@ -537,45 +261,50 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
     history, tokens, flops = [], 0, 0.0
     interval_start, compile_before = time.perf_counter(), 0.0
-    with _StopSignal() as stop:
-        for step in range(start, train_config.num_steps):
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                local = next(iterator)
-                batch = step_fn.global_batch({k: local[k] for k in task.batch_keys})
-                (state, metrics), step_flops = step_fn(state, batch, rng)
-            history.append(metrics)
-            tokens += task.tokens({k: v.shape for k, v in batch.items()})
-            flops += (task.model_flops({k: v.shape for k, v in batch.items()}) if task.model_flops
-                      else step_flops * jax.device_count())
-            done = step + 1
-            for hook in hooks:
-                hook(done)
-            if done % train_config.log_every_steps == 0 or done == train_config.num_steps:
-                summary = _mean_metrics(history)   # device_get: waits for the steps, so the clock below is true
-                seconds = time.perf_counter() - interval_start - (step_fn.compile_seconds - compile_before)
-                summary.update(step_time=seconds / len(history), tokens_per_second=tokens / seconds,
-                               compile_seconds=step_fn.compile_seconds)
-                if peak:
-                    summary["mfu"] = flops / seconds / (peak * jax.device_count())
-                writer.write_scalars(done, summary)
-                history, tokens, flops = [], 0, 0.0
-                interval_start, compile_before = time.perf_counter(), step_fn.compile_seconds
-            if evaluator is not None and (done == train_config.num_steps or (
-                    train_config.eval_every_steps and done % train_config.eval_every_steps == 0)):
-                scalars, sheet = evaluator(state, done)
-                writer.write_scalars(done, scalars)
-                if sheet is not None:
-                    writer.write_images(done, {"eval/samples": sheet[None]})
-            stopping = stop.reached(done)
-            if done % train_config.checkpoint_every_steps == 0 or done == train_config.num_steps or stopping:
-                manager.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state.replace(frozen=None)),
-                                                           data=ocp.args.JsonSave(iterator.get_state())), force=True)
-            if stopping:
-                logging.warning("Stop requested (SIGTERM or preemption): saved step %d, exiting", done)
-                break
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
+    skips = SkipWatch(train_config.max_consecutive_skips, int(state.skipped))
+    try:
+        with _StopSignal() as stop:
+            for step in range(start, train_config.num_steps):
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    local = next(iterator)
+                    batch = step_fn.global_batch({k: local[k] for k in task.batch_keys})
+                    (state, metrics), step_flops = step_fn(state, batch, rng)
+                skips.observe(step + 1, metrics["skipped_steps"])
+                history.append(metrics)
+                tokens += task.tokens({k: v.shape for k, v in batch.items()})
+                flops += (task.model_flops({k: v.shape for k, v in batch.items()}) if task.model_flops
+                          else step_flops * jax.device_count())
+                done = step + 1
+                for hook in hooks:
+                    hook(done)
+                if done % train_config.log_every_steps == 0 or done == train_config.num_steps:
+                    summary = _mean_metrics(history)   # device_get: waits for the steps, so the clock below is true
+                    seconds = time.perf_counter() - interval_start - (step_fn.compile_seconds - compile_before)
+                    summary.update(step_time=seconds / len(history), tokens_per_second=tokens / seconds,
+                                   compile_seconds=step_fn.compile_seconds)
+                    if peak:
+                        summary["mfu"] = flops / seconds / (peak * jax.device_count())
+                    writer.write_scalars(done, summary)
+                    history, tokens, flops = [], 0, 0.0
+                    interval_start, compile_before = time.perf_counter(), step_fn.compile_seconds
+                if evaluator is not None and (done == train_config.num_steps or (
+                        train_config.eval_every_steps and done % train_config.eval_every_steps == 0)):
+                    scalars, sheet = evaluator(state, done)
+                    writer.write_scalars(done, scalars)
+                    if sheet is not None:
+                        writer.write_images(done, {"eval/samples": sheet[None]})
+                stopping = stop.reached(done)
+                if done % train_config.checkpoint_every_steps == 0 or done == train_config.num_steps or stopping:
+                    skips.flush()
+                    save_checkpoint(manager, done, state, iterator)
+                if stopping:
+                    logging.warning("Stop requested (SIGTERM or preemption): saved step %d, exiting", done)
+                    break
+            skips.flush()
+    finally:   # an earlier checkpoint still being written is finished, also when the run stops on an error
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
     return state
 
 
@@ -609,7 +338,10 @@ def main(argv):
         validate_config(config)
     except ValueError as e:
         raise SystemExit(f"invalid config: {e}") from None
-    train_and_evaluate(config, flags.FLAGS.workdir)
+    try:
+        train_and_evaluate(config, flags.FLAGS.workdir)
+    except NonFiniteSteps as e:
+        raise SystemExit(f"stopped: {e}") from None
 
 
 if __name__ == "__main__":
