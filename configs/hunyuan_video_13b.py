@@ -125,7 +125,8 @@ def get_config():
         grad_accum_steps=1, ema_decay=0.9999, log_every_steps=50, checkpoint_every_steps=500, keep_checkpoints=3,
         async_checkpointing=True, profile_steps=0, peak_flops_per_device=0.0, initialize_distributed=True,
         init_from="",    # pretrained: a `convert to-flax` folder, mp_rank_00_model_states.pt, a diffusers folder
-        eval_every_steps=0))   # e.g. 1000, with data.eval_path or data.eval_fraction (the final step always)
+        eval_every_steps=0,    # e.g. 1000, with data.eval_path or data.eval_fraction (the final step always)
+        max_consecutive_skips=10, compilation_cache_dir=""))   # "": WORKDIR/compilation_cache
     # Evaluation (hyvideo_jax/evaluate.py): validation loss at 8 fixed σ with fixed noise on the first 64 clips;
     # the sample grid (eval.prompts, sizes from config.sample) by `python -m hyvideo_jax.evaluate` beside the run.
     config.eval = ml_collections.ConfigDict(dict(

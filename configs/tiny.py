@@ -116,7 +116,7 @@ def get_config():
         final_lr_fraction=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0,
         grad_accum_steps=1, ema_decay=0.0, log_every_steps=1, checkpoint_every_steps=10, keep_checkpoints=3,
         async_checkpointing=True, profile_steps=0, peak_flops_per_device=0.0, initialize_distributed=False,
-        init_from="", eval_every_steps=0))
+        init_from="", eval_every_steps=0, max_consecutive_skips=10, compilation_cache_dir=""))
     # Evaluation (hyvideo_jax/evaluate.py): validation loss at 8 fixed σ with fixed noise; sample grid prompts.
     config.eval = ml_collections.ConfigDict(dict(
         num_sigmas=8, sigmas=(), seed=0, batch_size=0, max_clips=0, use_ema=True, prompts=(), sample_grid=False,

@@ -210,6 +210,9 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
 def train_and_evaluate(config, workdir: str) -> TrainState:
     """Train per `config` in `workdir`, resuming from its latest checkpoint; returns the final TrainState."""
     sections = validate_config(config)
+    from hyvideo_jax.compilation import CacheCounter, use_compilation_cache
+    use_compilation_cache(sections["train"].compilation_cache_dir or os.path.join(workdir, "compilation_cache"))
+    cache_use = CacheCounter().__enter__()   # what this run reads from / writes to the cache (left in `finally`)
     train_config: TrainConfig = sections["train"]
     mesh = create_mesh(sections["mesh"])
     task = OBJECTIVES[train_config.objective](config)
@@ -217,7 +220,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     abstract_state, shardings = state_shardings(task, tx, train_config, mesh)
     step_fn = CompiledStep(make_train_step(task, tx, train_config), mesh, shardings,
                            global_batch_size=sections["data"].global_batch_size)
-    iterator = pipeline.make_train_pipeline(config.data, seed=config.seed, slots=step_fn.rows)
+    data = sections["data"]
+    source = pipeline.make_source(data, config.seed, sections.get("prepare"), jax.process_index())
+    iterator = pipeline.make_train_pipeline(config.data, seed=config.seed, source=source, slots=step_fn.rows)
     init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))   # rng: folded with the step in train_step
 
     def initial_state():
@@ -238,6 +243,14 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         if task.lora.init_from:
             state = start_adapters(state, config, mesh, shardings)
     start = int(state.step)
+    # Every bucket's program before step 1 (a restart reads them from the compilation cache).
+    layouts = [{k: v for k, v in pipeline.batch_layout(data, shape, data.global_batch_size, data.source == "videos")
+                .items() if k in task.batch_keys}
+               for shape in pipeline.bucket_shapes(pipeline.training_source(data, config.seed, source=source))]
+    compiled = step_fn.precompile(abstract_state, layouts)
+    precompiled = len(step_fn.programs)
+    logging.info("Train step compiled for %d bucket shape(s) in %.1f s, %d read from the compilation cache",
+                 len(compiled), sum(c[1] for c in compiled), sum(c[2] for c in compiled))
     evaluator = None
     if sections["evaluate"]:
         from hyvideo_jax.evaluate import TrainingEvaluator
@@ -305,6 +318,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         manager.wait_until_finished()
         manager.close()
         writer.flush()
+        cache_use.__exit__(None, None, None)
+        logging.info("Compilation: %d program(s) read from the compilation cache, %d compiled and written to it; "
+                     "%d train-step program(s) compiled after step 1", cache_use.hits, cache_use.writes,
+                     len(step_fn.programs) - precompiled)
     return state
 
 

@@ -48,7 +48,9 @@ class TrainConfig:
     workdir's own checkpoints take precedence when there are any. With evaluation data (data.eval_path or
     data.eval_fraction) the run computes the validation loss (`hyvideo_jax.evaluate`, `config.eval`) every
     `eval_every_steps` (0: only) and at its final step. A step with a non-finite loss or gradient is skipped (the
-    state unchanged); `max_consecutive_skips` such steps in a row stop the run (0: never).
+    state unchanged); `max_consecutive_skips` such steps in a row stop the run (0: never). Compiled programs are
+    cached in `compilation_cache_dir` (default WORKDIR/compilation_cache; "none": no cache) so that a restart
+    compiles nothing again; every bucket shape's step is compiled before step 1.
     """
     objective: str = "flow"
     num_steps: int = 1000
@@ -73,6 +75,7 @@ class TrainConfig:
     init_from: str = ""
     eval_every_steps: int = 0
     max_consecutive_skips: int = 10
+    compilation_cache_dir: str = ""
 
     def __post_init__(self):
         self.validate()
@@ -322,8 +325,14 @@ class CompiledStep:
                 lambda index: value[where[np.arange(self.global_batch_size)[index[0]]]][(slice(None), *index[1:])])
         return {k: place(v) for k, v in local.items()}
 
-    def __call__(self, state, batch, rng):
-        key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+    @staticmethod
+    def batch_key(batch: Mapping[str, Any]) -> tuple:
+        return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
+
+    def compile(self, state, batch, rng) -> Any:
+        """The program for this batch's shapes and dtypes (`state`, `batch` may be abstract: jax.ShapeDtypeStruct),
+        compiled now unless it already is."""
+        key = self.batch_key(batch)
         if key not in self.programs:
             start = time.perf_counter()
             with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
@@ -332,7 +341,30 @@ class CompiledStep:
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             self.programs[key], self.flops[key] = compiled, float((cost or {}).get("flops", 0.0))
-        return self.programs[key](state, batch, rng), self.flops[key]
+        return self.programs[key]
+
+    def precompile(self, abstract_state, layouts, report=logging.info) -> list[tuple[str, float, bool]]:
+        """Compile the step for every batch layout ({key: (shape, dtype)} of the global batch) before training, so
+        no bucket shape compiles mid-run; reports each one's time and whether the persistent cache served it.
+        Returns [(description, seconds, from cache)]."""
+        from hyvideo_jax.compilation import CacheCounter
+        rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        done = []
+        for layout in layouts:
+            batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+                     for k, (shape, dtype) in layout.items()}
+            name = ", ".join(f"{k} {tuple(shape)}" for k, (shape, _) in layout.items() if k in ("latents", "video"))
+            start = time.perf_counter()
+            with CacheCounter() as counted:
+                self.compile(abstract_state, batch, rng)
+            seconds = time.perf_counter() - start
+            cached = counted.hits > 0 and counted.writes == 0
+            report(f"train step for {name}: {seconds:.1f} s ({'from the compilation cache' if cached else 'compiled'})")
+            done.append((name, seconds, cached))
+        return done
+
+    def __call__(self, state, batch, rng):
+        return self.compile(state, batch, rng)(state, batch, rng), self.flops[self.batch_key(batch)]
 
 
 def peak_flops_per_device(config: TrainConfig) -> float:

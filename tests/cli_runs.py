@@ -31,13 +31,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(workdir: str, cache_dir: str, args: list[str], devices: int = 8, log_name: str | None = None):
+def start(workdir: str, cache_dir: str | None, args: list[str], devices: int = 8, log_name: str | None = None):
     """`python -m hyvideo_jax.train` on configs/tiny.py with `devices` simulated CPU devices (and the test
-    process's other XLA flags); output appended to WORKDIR.log (or `log_name` beside the workdir)."""
+    process's other XLA flags), compiled programs cached in `cache_dir` (None: the run's default, under the workdir)
+    however fast they compile; output appended to WORKDIR.log (or `log_name` beside the workdir)."""
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}",
-               JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_DEFAULT_MATMUL_PRECISION="highest")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               JAX_DEFAULT_MATMUL_PRECISION="highest")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if cache_dir is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
     log = open(os.path.join(os.path.dirname(workdir), log_name or os.path.basename(workdir) + ".log"), "a")
     return subprocess.Popen([sys.executable, "-m", "hyvideo_jax.train", "--config=configs/tiny.py",
                              f"--workdir={workdir}", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

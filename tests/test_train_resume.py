@@ -4,6 +4,7 @@ uninterrupted run; a half-written checkpoint left in the folder is never restore
 
 import glob
 import os
+import re
 import shutil
 import signal
 
@@ -17,8 +18,9 @@ STEPS = 12
 
 
 def run(workdir, cache_dir, stop_after=None, sig=signal.SIGKILL):
-    """Run the CLI; with `stop_after`, send `sig` once a step >= stop_after is logged. Returns (exit code, the
-    last step logged when the signal went out)."""
+    """Run the CLI (cache_dir None: the run's default compilation cache, under the workdir); with `stop_after`,
+    send `sig` once a step >= stop_after is logged. Returns (exit code, the last step logged when the signal went
+    out)."""
     proc = start(workdir, cache_dir, overrides(STEPS))
     logged = None if stop_after is None else signal_after(proc, workdir, stop_after, sig)
     return proc.wait(timeout=300), logged
@@ -29,12 +31,12 @@ def test_killed_runs_resume_bitwise(tmp_path):
     reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
     assert run(reference, cache)[0] == 0
 
-    rc, first_kill = run(resumed, cache, stop_after=4)
+    rc, first_kill = run(resumed, None, stop_after=4)
     assert rc == -signal.SIGKILL and first_kill < STEPS
-    rc, second_kill = run(resumed, cache, stop_after=first_kill + 3)
+    rc, second_kill = run(resumed, None, stop_after=first_kill + 3)
     assert rc == -signal.SIGKILL and second_kill < STEPS
     left_over = glob.glob(os.path.join(resumed, "checkpoints", "*.orbax-checkpoint-tmp*"))
-    rc, terminated = run(resumed, cache, stop_after=second_kill + 2, sig=signal.SIGTERM)
+    rc, terminated = run(resumed, None, stop_after=second_kill + 2, sig=signal.SIGTERM)
     saved = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(resumed, "checkpoints", "[0-9]*"))
                    if os.path.basename(p).isdigit())
     print(f"SIGKILL after steps {first_kill} and {second_kill} were logged (temporary checkpoint folders left: "
@@ -46,7 +48,8 @@ def test_killed_runs_resume_bitwise(tmp_path):
     half = os.path.join(resumed, "checkpoints", f"{STEPS - 1}.orbax-checkpoint-tmp-1234567890")
     shutil.copytree(latest, half)
     shutil.rmtree(os.path.join(half, "state", "d"))
-    assert run(resumed, cache)[0] == 0
+    assert run(resumed, None)[0] == 0
+    compilation_report(tmp_path / "resumed.log")
 
     ref_metrics, got = train.read_metrics(reference), train.read_metrics(resumed)
     ref_losses = [ref_metrics[s]["loss"] for s in range(1, STEPS + 1)]
@@ -59,3 +62,23 @@ def test_killed_runs_resume_bitwise(tmp_path):
     leaves, ref_leaves = jax.tree.leaves(state), jax.tree.leaves(ref_state)
     assert len(leaves) == len(ref_leaves) and all(np.array_equal(a, b) for a, b in zip(leaves, ref_leaves))
     assert int(state.step) == STEPS and not os.path.exists(half)   # Orbax removed the unfinished folder
+
+
+def compilation_report(log_path):
+    """Each start compiled both bucket shapes before step 1; the first start compiled them, every restart read
+    them (and every other program) from the workdir's compilation cache, and nothing compiled mid-run."""
+    starts = open(log_path).read().split("Compilation cache: ")[1:]
+    assert len(starts) == 4
+    for i, text in enumerate(starts):
+        shapes = re.findall(r"train step for latents \(8, 2, 4, (\d), 4\): [0-9.]+ s \((compiled|from the "
+                            r"compilation cache)\)", text)
+        assert [s for s, _ in shapes] == ["4", "8"]
+        assert text.index("train step for latents") < text.index("Process 0 of 1")   # before the loop starts
+        assert {how for _, how in shapes} == {"compiled" if i == 0 else "from the compilation cache"}
+        if "Compilation: " in text:   # SIGKILLed starts never get to say it
+            hits, writes, late = map(int, re.search(r"Compilation: (\d+) program\(s\) read from the compilation "
+                                                     r"cache, (\d+) compiled and written to it; (\d+) train-step",
+                                                     text).groups())
+            print(f"start {i}: {hits} programs read from the compilation cache, {writes} compiled")
+            assert late == 0 and (i == 0 or writes == 0) and (i == 0 or hits >= 2)
+    assert "Compilation: " in starts[-1]

@@ -558,21 +558,37 @@ class ProcessBatchPlan:
         return shapes[i], rows[i, self.slots]
 
 
+def batch_layout(config: DataConfig, shape: Sequence[int], rows: int, videos: bool = False
+                 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (shape, dtype)} of a batch of `rows` clips of latent shape `shape` (or, `videos`, of decoded videos of
+    shape [T, H, W]) as the loaders build it: what the training step is compiled for."""
+    if videos:
+        return dict(video=((rows, *shape, 3), np.dtype(np.float32)), valid=((rows,), np.dtype(bool)),
+                    record_index=((rows,), np.dtype(np.int64)))
+    s = config.spec
+    latent, text = numpy_dtype(config.latent_dtype), numpy_dtype(config.text_dtype)
+    return dict(latents=((rows, *shape, s.latent_channels), latent), text_states=((rows, s.text_len, s.text_dim), text),
+                text_mask=((rows, s.text_len), np.dtype(np.int32)), pooled_text=((rows, s.pooled_dim), text),
+                valid=((rows,), np.dtype(bool)), record_index=((rows,), np.dtype(np.int64)))
+
+
+def bucket_shapes(source) -> list[tuple[int, ...]]:
+    """The distinct latent (or video) shapes of a source's records, ascending: one batch shape each."""
+    shapes = source.video_shapes() if isinstance(source, VideoFileSource) else source.latent_shapes()
+    return [tuple(int(x) for x in row) for row in np.unique(np.asarray(shapes, np.int64).reshape(-1, 3), axis=0)]
+
+
 class LoadBatch(grain.transforms.Map):
     """(latent shape, record indices) ↦ the batch dict of the module docstring; padding slots are zeros."""
 
     def __init__(self, source, config: DataConfig):
-        self.source, self.spec = source, config.spec
-        self.latent_dtype, self.text_dtype = numpy_dtype(config.latent_dtype), numpy_dtype(config.text_dtype)
+        self.source, self.config, self.spec = source, config, config.spec
 
     def map(self, element: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
         shape, indices = element
-        s, b = self.spec, len(indices)
-        batch = dict(latents=np.zeros((b, *shape, s.latent_channels), self.latent_dtype),
-                     text_states=np.zeros((b, s.text_len, s.text_dim), self.text_dtype),
-                     text_mask=np.zeros((b, s.text_len), np.int32),
-                     pooled_text=np.zeros((b, s.pooled_dim), self.text_dtype),
-                     valid=indices >= 0, record_index=np.asarray(indices, np.int64))
+        batch = {k: np.zeros(*layout) for k, layout in batch_layout(self.config, shape, len(indices)).items()}
+        batch["valid"][:] = indices >= 0
+        batch["record_index"][:] = indices
         for slot, index in enumerate(indices):
             if index < 0:
                 continue
@@ -597,8 +613,9 @@ class LoadVideoBatch(grain.transforms.Map):
 
     def map(self, element: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
         shape, indices = element
-        batch = dict(video=np.zeros((len(indices), *shape, 3), np.float32), valid=indices >= 0,
-                     record_index=np.asarray(indices, np.int64))
+        batch = {k: np.zeros(*layout) for k, layout in batch_layout(None, shape, len(indices), videos=True).items()}
+        batch["valid"][:] = indices >= 0
+        batch["record_index"][:] = indices
         for slot, index in enumerate(indices):
             if index < 0:
                 continue
