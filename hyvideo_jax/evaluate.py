@@ -279,7 +279,8 @@ def _writer(out_dir: str):
     from hyvideo_jax.metrics import METRICS_FILE, JsonlWriter
     if jax.process_index() != 0:
         return metric_writers.create_default_writer(out_dir, just_logging=True)
-    os.makedirs(out_dir, exist_ok=True)
+    from etils import epath
+    epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     return metric_writers.MultiWriter([metric_writers.create_default_writer(out_dir),
                                        JsonlWriter(os.path.join(out_dir, METRICS_FILE))])
 

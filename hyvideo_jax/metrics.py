@@ -2,23 +2,25 @@
 TensorBoard (notebooks, tests, the evaluator)."""
 
 import json
-import os
 
 from clu import metric_writers
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-    """Scalars as JSON lines {"step": s, name: value, ...} appended to a file: readable without TensorBoard (a
-    notebook, a test). A resumed run appends again from its checkpoint, so the last line of a step wins."""
+    """Scalars as JSON lines {"step": s, name: value, ...} appended to a file (local or gs://): readable without
+    TensorBoard (a notebook, a test). A resumed run appends again from its checkpoint, so the last line of a step
+    wins. Cloud objects cannot be appended to, so the writer keeps the file's text and writes it whole each time."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path = epath.Path(path)
+        self.text = self.path.read_text() if self.path.exists() else ""
 
     def write_scalars(self, step, scalars):
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self.text += json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n"
+        self.path.write_text(self.text)
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -52,10 +54,9 @@ def read_metrics(workdir: str) -> dict[int, dict[str, float]]:
     """{step: scalars} from WORKDIR/metrics.jsonl (the lines of one step merged: training and evaluation scalars);
     for a scalar logged twice at a step (before a crash and after the resume) the later line wins."""
     rows = {}
-    path = os.path.join(workdir, METRICS_FILE)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                rows.setdefault(row.pop("step"), {}).update(row)
+    path = epath.Path(workdir) / METRICS_FILE
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows.setdefault(row.pop("step"), {}).update(row)
     return rows

@@ -43,6 +43,7 @@ from hyvideo_jax.metrics import METRICS_FILE, JsonlWriter, read_metrics
 from hyvideo_jax.models.dit import DiTConfig
 from hyvideo_jax.objectives import OBJECTIVES
 from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
+from hyvideo_jax.paths import resolve
 # The state and the step, re-exported: `train` is the one module a training script or test needs.
 from hyvideo_jax.train_step import (DECAYED_PARAMETERS, LR_SCHEDULES, PEAK_FLOPS, CompiledStep,
                                     TrainConfig, TrainState, create_train_state, decay_mask, learning_rate_schedule,
@@ -63,7 +64,7 @@ def checkpoint_manager(workdir: str, config: TrainConfig) -> ocp.CheckpointManag
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=config.async_checkpointing,
                                            cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
+    return ocp.CheckpointManager(resolve(workdir) / "checkpoints", options=options,
                                  item_names=("state", "data"))
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 from hyvideo_jax.convert.dit_layouts import DiffusersAsOfficial, detect_layout, official_to_diffusers
@@ -321,7 +322,7 @@ def open_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTCon
         raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")
     if fp8_map is None and isinstance(path_or_state_dict, (str, os.PathLike)):
         candidate = os.fspath(path_or_state_dict)
-        if candidate.endswith("_fp8.pt") and os.path.exists(candidate[:-3] + "_map.pt"):
+        if candidate.endswith("_fp8.pt") and epath.Path(candidate[:-3] + "_map.pt").exists():
             fp8_map = candidate[:-3] + "_map.pt"
     official: Mapping[str, np.ndarray] = source
     if layout == "diffusers":
@@ -336,9 +337,8 @@ def open_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTCon
 
     sidecar = os.fspath(path_or_state_dict) + ".config.json" if isinstance(path_or_state_dict, (str, os.PathLike)) \
         else None
-    if config is None and sidecar and os.path.exists(sidecar):  # written by save_torch_dit(layout="official")
-        with open(sidecar) as f:
-            config = DiTConfig.from_config(json.load(f))
+    if config is None and sidecar and epath.Path(sidecar).exists():  # written by save_torch_dit(layout="official")
+        config = DiTConfig.from_config(json.loads(epath.Path(sidecar).read_text()))
     overrides = config.to_dict() if isinstance(config, DiTConfig) else dict(config or {})
     if layout == "diffusers" and source.config is not None:
         cfg = config_from_diffusers(source.config, **overrides)

@@ -9,35 +9,34 @@ parameters of a training workdir.
 """
 
 import json
-import os
 from typing import Any, Mapping
 
 import orbax.checkpoint as ocp
 
+from hyvideo_jax.paths import resolve
+
 
 def save_flax_model(folder, kind: str, config: dict[str, Any], params) -> str:
     """Write `params` (NumPy or jax arrays) and `config` under `folder`; `kind` names the model ("dit", "vae")."""
-    folder = os.path.abspath(os.fspath(folder))
-    os.makedirs(folder, exist_ok=True)
+    folder = resolve(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(folder, "params"), params, force=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"kind": kind, "model": config}, f, indent=2)
-    return folder
+        ckpt.save(folder / "params", params, force=True)
+    (folder / "config.json").write_text(json.dumps({"kind": kind, "model": config}, indent=2))
+    return str(folder)
 
 
 def is_flax_model(folder) -> bool:
-    folder = os.fspath(folder)
-    return os.path.isdir(os.path.join(folder, "params")) and os.path.exists(os.path.join(folder, "config.json"))
+    folder = resolve(folder)
+    return (folder / "params").is_dir() and (folder / "config.json").exists()
 
 
 def read_flax_config(folder, kind: str | None = None) -> dict[str, Any]:
     """The model config dict of a folder written by `save_flax_model` (checking its kind), without the params."""
-    folder = os.path.abspath(os.fspath(folder))
+    folder = resolve(folder)
     if not is_flax_model(folder):
         raise FileNotFoundError(f"{folder} is not a converted model folder (expected config.json and params/)")
-    with open(os.path.join(folder, "config.json")) as f:
-        meta = json.load(f)
+    meta = json.loads((folder / "config.json").read_text())
     if kind is not None and meta.get("kind") != kind:
         raise ValueError(f"{folder} holds a {meta.get('kind')!r} model, expected {kind!r}")
     return meta["model"]
@@ -48,19 +47,18 @@ def load_flax_model(folder, kind: str | None = None, target=None) -> tuple[dict[
     with shardings) restores directly onto devices; without it the arrays come back as NumPy."""
     config = read_flax_config(folder, kind)
     with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore(os.path.join(os.path.abspath(os.fspath(folder)), "params"), target)
+        params = ckpt.restore(resolve(folder) / "params", target)
     return config, params
 
 
 def is_training_workdir(path) -> bool:
     """True for a folder the trainer writes (it has checkpoints/)."""
-    return os.path.isdir(os.path.join(os.fspath(path), "checkpoints"))
+    return (resolve(path) / "checkpoints").is_dir()
 
 
 def training_config(workdir) -> dict[str, Any]:
     """The whole config a training run was started with (WORKDIR/config.json, written by the trainer)."""
-    from etils import epath
-    path = epath.Path(workdir) / "config.json"
+    path = resolve(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{workdir} has no config.json (runs write it when they start); give the run's "
                                 f"config instead")
@@ -69,11 +67,7 @@ def training_config(workdir) -> dict[str, Any]:
 
 def _checkpoints(workdir) -> ocp.CheckpointManager:
     """A read-only manager of WORKDIR/checkpoints (close it after use)."""
-    from etils import epath
-
-    # Orbax wants absolute paths; a local workdir may be given relative to where the command runs.
-    local = "://" not in os.fspath(workdir)
-    directory = epath.Path(os.path.abspath(os.fspath(workdir)) if local else workdir) / "checkpoints"
+    directory = resolve(workdir) / "checkpoints"
     if not directory.exists():
         raise FileNotFoundError(f"{workdir} has no checkpoints/ folder: is it a training workdir?")
     return ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()},

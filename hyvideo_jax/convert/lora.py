@@ -22,7 +22,6 @@ rank 2r (A block-diagonal over the [attn | mlp] input, B = [b_attn | b_mlp]). Sc
 """
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -30,12 +29,14 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
 
 from hyvideo_jax.convert.dit import _get, _Group, conversion_groups, param_shapes
 from hyvideo_jax.convert.dit_layouts import official_to_diffusers
 from hyvideo_jax.convert.torch_io import TensorSource, to_numpy
 from hyvideo_jax.lora import LoRAConfig, flat_adapters, input_dims, is_stacked
 from hyvideo_jax.models.dit import DiTConfig
+from hyvideo_jax.paths import local_copy
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_down\.weight|lora_B\.weight|lora_up\.weight|alpha)$")
 _PARTS = {"lora_A.weight": "A", "lora_down.weight": "A", "lora_B.weight": "B", "lora_up.weight": "B", "alpha": "alpha"}
@@ -157,17 +158,17 @@ def _read(source) -> tuple[dict[str, np.ndarray], dict | None, str]:
     path = os.fspath(source)
     src = TensorSource.open(path)
     tensors = {k: src[k].astype(np.float32) for k in src}
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
+    is_folder = epath.Path(path).is_dir()
+    folder = epath.Path(path) if is_folder else epath.Path(path).parent
+    files = sorted(str(f) for f in folder.glob("*.safetensors")) if is_folder else [path]
     for file in (f for f in files if f.endswith(".safetensors")):
         from safetensors import safe_open
-        with safe_open(file, framework="np") as f:
+        with safe_open(local_copy(file), framework="np") as f:
             raw = (f.metadata() or {}).get("lora_adapter_metadata")   # written by diffusers' save_lora_weights
         if raw:
             return tensors, {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}, path
-    if os.path.exists(os.path.join(folder, "adapter_config.json")):
-        with open(os.path.join(folder, "adapter_config.json")) as f:
-            return tensors, json.load(f), path
+    if (folder / "adapter_config.json").exists():
+        return tensors, json.loads((folder / "adapter_config.json").read_text()), path
     return tensors, None, path
 
 

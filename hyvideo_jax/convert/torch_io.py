@@ -2,16 +2,19 @@
 
 Sources are opened lazily: a `.pt` file is memory-mapped (`torch.load(mmap=True)`), safetensors are read per tensor,
 so converting the 25.6 GB transformer holds roughly one copy of the weights in RAM (the converted tree), not three.
-Tensors cross to NumPy bit-exactly: bf16 and fp8 become `ml_dtypes` arrays over the same bits.
+Tensors cross to NumPy bit-exactly: bf16 and fp8 become `ml_dtypes` arrays over the same bits. Sources in cloud
+storage (gs://) are copied to a local cache first (`paths.local_copy`): the readers memory-map local files.
 """
 
-import glob
 import json
 import os
 from typing import Any, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from hyvideo_jax.paths import local_copy
 
 
 def require_torch():
@@ -71,29 +74,28 @@ class TensorSource(Mapping[str, np.ndarray]):
         if isinstance(source, Mapping):
             return cls(_unwrap(dict(source), load_key, "state dict"), description="state dict")
         path = os.fspath(source)
-        if os.path.isdir(path):
+        if epath.Path(path).is_dir():
             return cls._open_folder(path)
-        if not os.path.exists(path):
+        if not epath.Path(path).exists():
             raise FileNotFoundError(f"no checkpoint at {path}")
+        description, path = path, local_copy(path)   # torch and safetensors read local files (memory-mapped)
         if path.endswith(".safetensors"):
-            return cls({}, files=_safetensors_index([path]), description=path)
+            return cls({}, files=_safetensors_index([path]), description=description)
         torch = require_torch()
         try:
             obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(_unwrap(obj, load_key, path), description=path)
+        return cls(_unwrap(obj, load_key, description), description=description)
 
     @classmethod
     def _open_folder(cls, path: str) -> "TensorSource":
-        config = None
-        if os.path.exists(os.path.join(path, "config.json")):
-            with open(os.path.join(path, "config.json")) as f:
-                config = json.load(f)
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        folder = epath.Path(path)
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else None
+        files = sorted(str(f) for f in folder.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{path} holds no *.safetensors files")
-        return cls({}, config=config, files=_safetensors_index(files), description=path)
+        return cls({}, config=config, files=_safetensors_index([local_copy(f) for f in files]), description=path)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self._files:

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 from hyvideo_jax.convert.torch_io import TensorSource, require_torch, to_torch, write_safetensors_folder
@@ -143,13 +144,12 @@ class _Prefixed(Mapping[str, np.ndarray]):
 def _open(path_or_state_dict) -> tuple[_Prefixed, dict | None]:
     src = path_or_state_dict
     config_json = None
-    if isinstance(src, (str, os.PathLike)) and os.path.isdir(src):
-        path = os.fspath(src)
-        if os.path.exists(os.path.join(path, "config.json")):
-            with open(os.path.join(path, "config.json")) as f:
-                config_json = json.load(f)
-        if os.path.exists(os.path.join(path, OFFICIAL_WEIGHTS)):
-            src = os.path.join(path, OFFICIAL_WEIGHTS)
+    if isinstance(src, (str, os.PathLike)) and epath.Path(src).is_dir():
+        path = epath.Path(src)
+        if (path / "config.json").exists():
+            config_json = json.loads((path / "config.json").read_text())
+        if (path / OFFICIAL_WEIGHTS).exists():
+            src = str(path / OFFICIAL_WEIGHTS)
     source = TensorSource.open(src)
     return _Prefixed(source), config_json or source.config
 
@@ -256,7 +256,7 @@ def load_vae(source: str = "", config: VAEConfig | Mapping | None = None, seed: 
     if is_flax_model(source):
         saved, params = load_flax_model(source, kind="vae")
         return VAEConfig.from_config(saved), params
-    if not os.path.exists(os.fspath(source)):
+    if not epath.Path(source).exists():
         raise FileNotFoundError(f"VAE weights {source} do not exist (expected a converted folder, a diffusers or "
                                 f"official folder, or a .pt / .safetensors file)")
     return load_torch_vae(source, config=None)
