@@ -321,7 +321,7 @@ class Sampler:
         `lora_file` merges a LoRA into the transformer. `dit` (DiTConfig, params, description) gives the
         transformer instead of a weight source (params may be None and set later as `sampler.params`)."""
         from hyvideo_jax.convert.vae import load_vae
-        from hyvideo_jax.data.prepare import PrepareConfig
+        from hyvideo_jax.data.config import PrepareConfig
         from hyvideo_jax.parallel.mesh import create_mesh
         from hyvideo_jax.text import TextEncoders
 

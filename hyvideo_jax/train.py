@@ -93,7 +93,7 @@ def validate_config(config) -> dict[str, Any]:
         if not videos:
             raise ValueError(f"data.source: the 'vae' objective trains on pixels: set it to 'videos' (a folder of "
                              f"video files in data.path), got {sections['data'].source!r}")
-        from hyvideo_jax.data.prepare import PrepareConfig
+        from hyvideo_jax.data.config import PrepareConfig
         from hyvideo_jax.models.vae import VAEConfig
         from hyvideo_jax.vae_objective import VAELossConfig
         sections.update(vae=VAEConfig.from_config(config.vae.model),

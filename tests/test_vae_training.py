@@ -60,14 +60,14 @@ def test_video_source_batches_decoded_clips_and_leaves_out_broken_files(videos):
 
 
 def test_video_index_keeps_probed_shapes_across_restarts(videos, tmp_path, monkeypatch):
-    from hyvideo_jax.data import prepare as prepare_module
+    from hyvideo_jax.data import video
 
     config = vae_config(videos)
     config.data.video_index = str(tmp_path / "run" / "video_index.json")
     data, prepare = pipeline.DataConfig.from_config(config.data), PrepareConfig.from_config(config.data.prepare)
     probed = []
-    real_probe = prepare_module.probe_clip
-    monkeypatch.setattr(prepare_module, "probe_clip", lambda path, cfg: probed.append(path) or real_probe(path, cfg))
+    real_probe = video.probe_clip
+    monkeypatch.setattr(video, "probe_clip", lambda path, cfg: probed.append(path) or real_probe(path, cfg))
 
     def build(prepare=prepare, process_index=0):
         probed.clear()

@@ -7,10 +7,8 @@ bucket (below), resize to cover the bucket's frame and centre-crop, scale pixels
 `vae_batch_size` clips of one bucket, encode with the VAE (jitted; tiled when larger than a tile; posterior mean,
 scaled) and the text encoders, and write one record per clip (`hyvideo_jax.data.schema`).
 
-Buckets are pixel sizes (frames, height, width) with frames 4k+1. A video goes to the spatial size whose aspect
-ratio is closest to its own (the larger one on ties), and to the longest bucket of that size that its duration
-fills; the clip starts at the video's first frame. Frame sampling takes, for each time k/fps, the last decoded
-frame shown at or before it.
+Buckets and frame sampling are `hyvideo_jax.data.video`'s (the VAE objective's `VideoFileSource` decodes the same
+way): a video goes to the bucket size of the closest aspect ratio and the longest bucket length it fills.
 
 Output folder:
     clips-00000.array_record, ...   shards of `records_per_shard` records (the last one may be shorter)
@@ -24,62 +22,25 @@ partial shard. A video that cannot be decoded, is too short for every bucket, or
 reported, never fatal.
 """
 
-import dataclasses
 import json
-import math
 import os
 import time
-from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from hyvideo_jax.config_fields import from_fields
-from hyvideo_jax.data.pipeline import MANIFEST, NULL_TEXT, DataConfig, read_manifest
+from hyvideo_jax.data.config import DataConfig, PrepareConfig
 from hyvideo_jax.data.schema import SCHEMA_VERSION, TokenizedClip, numpy_dtype, serialize
+from hyvideo_jax.data.sources import MANIFEST, NULL_TEXT, read_manifest, write_json
+from hyvideo_jax.data.video import VIDEO_EXTENSIONS, SkipVideo, choose_size, decode_clip, probe_clip
 
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif")
+# PrepareConfig and the decoding names are re-exported: `prepare.decode_clip` etc. as before they moved.
+__all__ = ["SUMMARY", "read_captions", "ShardWriter", "write_null_text", "ClipEncoder", "prepare_videos", "main",
+           "PrepareConfig", "VIDEO_EXTENSIONS", "SkipVideo", "choose_size", "decode_clip", "probe_clip", "write_json"]
+
 SUMMARY = "summary.json"
 
 
-@dataclasses.dataclass(frozen=True)
-class PrepareConfig:
-    """The `config.data.prepare` section. `buckets` are (frames, height, width) in pixels; `vae_checkpoint` is a
-    folder written by `python -m hyvideo_jax.convert` (empty: random VAE weights from `vae_seed`, for the demo)."""
-    fps: float = 24.0
-    buckets: tuple[tuple[int, int, int], ...] = ((129, 544, 960),)
-    records_per_shard: int = 64
-    vae_batch_size: int = 1
-    vae_checkpoint: str = ""
-    vae_seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "buckets", tuple(tuple(int(v) for v in b) for b in self.buckets))
-        self.validate()
-
-    def validate(self):
-        def fail(field, msg):
-            raise ValueError(f"data.prepare.{field}: {msg}")
-        if not self.fps > 0:
-            fail("fps", f"must be positive, got {self.fps}")
-        if not self.buckets:
-            fail("buckets", "needs at least one (frames, height, width)")
-        for b in self.buckets:
-            if len(b) != 3 or b[0] < 1 or (b[0] - 1) % 4 or b[1] % 16 or b[2] % 16 or min(b) < 1:
-                fail("buckets", f"each bucket must be (frames 4k+1, height, width multiples of 16), got {b}")
-        for f in ("records_per_shard", "vae_batch_size"):
-            if getattr(self, f) < 1:
-                fail(f, f"must be positive, got {getattr(self, f)}")
-
-    @classmethod
-    def from_config(cls, config: "PrepareConfig | Mapping[str, Any]") -> "PrepareConfig":
-        return from_fields(cls, config, "data.prepare")
-
-
-class SkipVideo(Exception):
-    """A video that is not turned into a record; the message is the reason given in the summary."""
-
-
-# -------------------------------------------------------------------------------------------------------- videos
+# ------------------------------------------------------------------------------------------------------ captions
 def read_captions(path: str) -> dict[str, str]:
     """{video file name: caption} from JSON lines ({"video": ..., "caption": ...}) or `name<TAB>caption` lines."""
     captions = {}
@@ -100,76 +61,6 @@ def read_captions(path: str) -> dict[str, str]:
                     raise ValueError(f"{path} line {n}: expected 'file name<TAB>caption', got {line.strip()[:80]!r}")
                 captions[name] = caption
     return captions
-
-
-def choose_size(height: int, width: int, buckets: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
-    """The bucket (height, width) whose aspect ratio is closest to height:width in log scale (larger area on ties)."""
-    sizes = sorted({(b[1], b[2]) for b in buckets}, key=lambda s: -s[0] * s[1])
-    return min(sizes, key=lambda s: abs(math.log(s[1] / s[0]) - math.log(width / height)))
-
-
-def resize_crop(frame, height: int, width: int) -> np.ndarray:
-    """uint8 [height, width, 3] from a PyAV VideoFrame: scaled (bicubic) to cover the size, centre-cropped."""
-    scale = max(height / frame.height, width / frame.width)
-    rh, rw = max(height, round(frame.height * scale)), max(width, round(frame.width * scale))
-    rgb = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="BICUBIC").to_ndarray()
-    top, left = (rh - height) // 2, (rw - width) // 2
-    return rgb[top:top + height, left:left + width]
-
-
-def _read_clip(path: str, config: PrepareConfig, pixels: bool) -> tuple[list, tuple[int, int], int, float]:
-    """(frames at `config.fps`, bucket (height, width), bucket length, source fps). Frames are uint8 arrays, or
-    None each when `pixels` is False: then frames are decoded only for their times, never converted, which is what
-    the bucket shape needs and several times cheaper."""
-    import av
-
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise SkipVideo("no video stream")
-            stream = container.streams.video[0]
-            size = choose_size(stream.codec_context.height, stream.codec_context.width, config.buckets)
-            lengths = sorted(b[0] for b in config.buckets if (b[1], b[2]) == size)
-            source_fps = float(stream.average_rate or 0.0)
-            frames, last_time = [], None
-            previous, seen = None, False
-            for frame in container.decode(stream):
-                t = float(frame.time if frame.time is not None else len(frames) / max(source_fps, 1e-6))
-                # Target k (time k/fps) shows the last frame at or before it: emit `previous` for targets before t.
-                while seen and len(frames) < lengths[-1] and len(frames) / config.fps < t - 1e-6:
-                    frames.append(previous)
-                if len(frames) >= lengths[-1]:
-                    break
-                previous, last_time, seen = resize_crop(frame, *size) if pixels else None, t, True
-            if seen and len(frames) < lengths[-1]:
-                # The last frame stays on screen for one source frame period.
-                end = last_time + (1.0 / source_fps if source_fps > 0 else 0.0)
-                while len(frames) < lengths[-1] and len(frames) / config.fps < end - 1e-6:
-                    frames.append(previous)
-    except SkipVideo:
-        raise
-    except Exception as e:  # any decoder failure (corrupt data, unknown format) skips the video
-        raise SkipVideo(f"unreadable video ({type(e).__name__}: {str(e)[:200]})") from None
-    if not frames:
-        raise SkipVideo("no decodable frames")
-    fitting = [n for n in lengths if n <= len(frames)]
-    if not fitting:
-        raise SkipVideo(f"too short: {len(frames)} frames at {config.fps:g} fps, the shortest {size[0]}x{size[1]} "
-                        f"bucket needs {lengths[0]}")
-    return frames[:fitting[-1]], size, fitting[-1], source_fps
-
-
-def decode_clip(path: str, config: PrepareConfig) -> tuple[np.ndarray, float]:
-    """(video [T, H, W, 3] float32 in [-1, 1] of the chosen bucket, source fps); SkipVideo with a reason."""
-    frames, _, _, source_fps = _read_clip(path, config, pixels=True)
-    return np.stack(frames).astype(np.float32) / 127.5 - 1.0, source_fps
-
-
-def probe_clip(path: str, config: PrepareConfig) -> tuple[int, int, int]:
-    """The (frames, height, width) of `decode_clip(path, config)`'s video, or the same SkipVideo, without
-    converting any pixels."""
-    _, (height, width), length, _ = _read_clip(path, config, pixels=False)
-    return length, height, width
 
 
 # ------------------------------------------------------------------------------------------------------- writing
@@ -214,15 +105,6 @@ def write_null_text(out: str, encoder: "ClipEncoder", data: DataConfig):
     with open(path + ".tmp", "wb") as f:
         np.savez(f, text_states=as_records(states), text_mask=mask.astype(np.int32), pooled_text=as_records(pooled))
     os.replace(path + ".tmp", path)
-
-
-def write_json(path: str, value):
-    """Write JSON to a temporary file, then rename it over `path`: readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------------ encoding
