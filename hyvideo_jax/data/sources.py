@@ -15,10 +15,12 @@ from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
+from etils import epath
 
 from hyvideo_jax.data import video
 from hyvideo_jax.data.config import DataConfig
 from hyvideo_jax.data.schema import ClipSpec, RecordError, TokenizedClip, deserialize, numpy_dtype, read_header
+from hyvideo_jax.paths import is_cloud
 
 MANIFEST = "manifest.json"
 NULL_TEXT = "null_text.npz"   # the empty prompt's encoding, written once by prepare beside its shards
@@ -65,17 +67,15 @@ class RandomClipSource:
 def read_manifest(folder: str) -> dict:
     """The manifest prepare writes beside its shards: {"schema_version", "shards": [{"path", "records",
     "latent_shapes", "source_ids"}], ...}; an empty manifest if the folder has none yet."""
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.exists(path):
+    path = epath.Path(folder) / MANIFEST
+    if not path.exists():
         return {"shards": []}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def read_null_text(folder: str) -> dict[str, np.ndarray] | None:
     """{"text_states" [L, D], "text_mask" [L], "pooled_text" [Dp]}: the empty prompt as prepare encoded it beside the
     shards in `folder`, or None if it is not there."""
-    from etils import epath
     path = epath.Path(folder) / NULL_TEXT
     if not folder or not path.exists():
         return None
@@ -91,17 +91,17 @@ class ArrayRecordClipSource:
     def __init__(self, path: str | Sequence[str]):
         from array_record.python.array_record_module import ArrayRecordReader
 
-        if isinstance(path, str) and os.path.isdir(path):
+        if isinstance(path, str) and epath.Path(path).is_dir():   # ArrayRecord reads gs:// shards itself
             shards = read_manifest(path)["shards"]
             if not shards:
                 raise ValueError(f"{path} holds no prepared shards (no {MANIFEST} or an empty one); run "
                                  "`python -m hyvideo_jax.data.prepare` first")
-            self.paths = [os.path.join(path, s["path"]) for s in shards]
+            self.paths = [str(epath.Path(path) / s["path"]) for s in shards]
             counts = [int(s["records"]) for s in shards]
             shapes = [np.asarray(s["latent_shapes"], np.int64).reshape(-1, 3) for s in shards]
         else:
             self.paths = [p for p in (path.split(",") if isinstance(path, str) else path) if p]
-            missing = [p for p in self.paths if not os.path.exists(p)]
+            missing = [p for p in self.paths if not epath.Path(p).exists()]
             if missing:
                 raise FileNotFoundError(f"ArrayRecord shard(s) not found: {missing}")
             counts = []
@@ -221,20 +221,24 @@ class VideoFileSource:
         from absl import logging
         from tqdm import tqdm
 
-        if not os.path.isdir(folder):
+        if not epath.Path(folder).is_dir():
             raise FileNotFoundError(f"data.path: {folder} is not a folder of videos")
         self.folder, self.prepare, self._decode = folder, prepare, video.decode_clip
-        names = sorted(f for f in os.listdir(folder)
-                       if f.lower().endswith(video.VIDEO_EXTENSIONS) and not f.startswith("."))
+        names = sorted(p.name for p in epath.Path(folder).iterdir()
+                       if p.name.lower().endswith(video.VIDEO_EXTENSIONS) and not p.name.startswith("."))
 
         def probe(name):
             try:
-                return list(video.probe_clip(os.path.join(folder, name), prepare))
+                return list(video.probe_clip(self._path(name), prepare))
             except video.SkipVideo as e:
                 return str(e)
 
-        def file_stat(name):
-            stat = os.stat(os.path.join(folder, name))
+        def file_stat(name):   # size and modification time (ns locally; cloud storage gives seconds)
+            path = self._path(name)
+            if is_cloud(path):
+                stat = epath.Path(path).stat()
+                return [stat.length, stat.mtime]
+            stat = os.stat(path)
             return [stat.st_size, stat.st_mtime_ns]
 
         settings = {"fps": prepare.fps, "buckets": [list(b) for b in prepare.buckets]}
@@ -266,28 +270,30 @@ class VideoFileSource:
                              f"{len(self.skipped)} left out)")
         self._shapes = np.asarray(shapes, np.int64).reshape(-1, 3)
 
+    def _path(self, name: str) -> str:
+        return str(epath.Path(self.folder) / name)
+
     def __len__(self) -> int:
         return len(self.names)
 
     def where(self, index: int) -> str:
-        return f"video {os.path.join(self.folder, self.names[index])}"
+        return f"video {self._path(self.names[index])}"
 
     def video_shapes(self) -> np.ndarray:
         """[N, 3] (frames, height, width) of every video's bucket."""
         return self._shapes
 
     def __getitem__(self, index: int) -> np.ndarray:
-        frames, _ = self._decode(os.path.join(self.folder, self.names[index]), self.prepare)
+        frames, _ = self._decode(self._path(self.names[index]), self.prepare)
         return frames
 
 
 def _read_video_index(path: str, settings: dict) -> dict:
     """The entries of a video index written under the same prepare `settings` ({} if none, or other settings)."""
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
+        index = json.loads(epath.Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"data.video_index: {path} is not a readable index ({e}); delete it to probe "
                          f"again") from None
@@ -364,9 +370,10 @@ def training_source(config: DataConfig, seed: int, prepare=None, process_index: 
 
 
 def write_json(path: str, value):
-    """Write JSON to a temporary file, then rename it over `path`: readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
+    """Write JSON to a temporary file, then rename it over `path` (local or cloud): readers never see half a
+    file."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)

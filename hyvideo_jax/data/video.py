@@ -42,9 +42,11 @@ def _read_clip(path: str, config: PrepareConfig, pixels: bool) -> tuple[list, tu
     None each when `pixels` is False: then frames are decoded only for their times, never converted, which is what
     the bucket shape needs and several times cheaper."""
     import av
+    from etils import epath
 
-    try:
-        with av.open(path) as container:
+    from hyvideo_jax.paths import is_cloud
+    try:   # a cloud file streams through a Python file object (ffmpeg cannot open gs:// itself)
+        with av.open(epath.Path(path).open("rb") if is_cloud(path) else path) as container:
             if not container.streams.video:
                 raise SkipVideo("no video stream")
             stream = container.streams.video[0]
