@@ -16,6 +16,7 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def __init__(self, path: str):
         self.path = epath.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.text = self.path.read_text() if self.path.exists() else ""
 
     def write_scalars(self, step, scalars):

@@ -22,11 +22,13 @@ partial shard. A video that cannot be decoded, is too short for every bucket, or
 reported, never fatal.
 """
 
+import io
 import json
 import os
 import time
 
 import numpy as np
+from etils import epath
 
 from hyvideo_jax.data.config import DataConfig, PrepareConfig
 from hyvideo_jax.data.schema import SCHEMA_VERSION, TokenizedClip, numpy_dtype, serialize
@@ -44,22 +46,21 @@ SUMMARY = "summary.json"
 def read_captions(path: str) -> dict[str, str]:
     """{video file name: caption} from JSON lines ({"video": ..., "caption": ...}) or `name<TAB>caption` lines."""
     captions = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    entry = json.loads(line)
-                    captions[str(entry["video"])] = str(entry["caption"])
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{path} line {n}: expected {{\"video\": ..., \"caption\": ...}}, "
-                                     f"got {line.strip()[:80]!r}") from None
-            else:
-                name, sep, caption = line.rstrip("\n").partition("\t")
-                if not sep:
-                    raise ValueError(f"{path} line {n}: expected 'file name<TAB>caption', got {line.strip()[:80]!r}")
-                captions[name] = caption
+    for n, line in enumerate(epath.Path(path).read_text().splitlines(), 1):   # local or cloud
+        if not line.strip():
+            continue
+        if path.endswith(".jsonl"):
+            try:
+                entry = json.loads(line)
+                captions[str(entry["video"])] = str(entry["caption"])
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{path} line {n}: expected {{\"video\": ..., \"caption\": ...}}, "
+                                 f"got {line.strip()[:80]!r}") from None
+        else:
+            name, sep, caption = line.rstrip("\n").partition("\t")
+            if not sep:
+                raise ValueError(f"{path} line {n}: expected 'file name<TAB>caption', got {line.strip()[:80]!r}")
+            captions[name] = caption
     return captions
 
 
@@ -101,10 +102,11 @@ def write_null_text(out: str, encoder: "ClipEncoder", data: DataConfig):
     text dtype as the clips are, stored as fp32 (plain NumPy reads it)."""
     states, mask, pooled = (np.asarray(a)[0] for a in encoder.text.encode_prompts([""]))
     as_records = lambda a: a.astype(numpy_dtype(data.text_dtype)).astype(np.float32)  # noqa: E731
-    path = os.path.join(out, NULL_TEXT)
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, text_states=as_records(states), text_mask=mask.astype(np.int32), pooled_text=as_records(pooled))
-    os.replace(path + ".tmp", path)
+    buffer = io.BytesIO()
+    np.savez(buffer, text_states=as_records(states), text_mask=mask.astype(np.int32), pooled_text=as_records(pooled))
+    tmp = epath.Path(out) / (NULL_TEXT + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(epath.Path(out) / NULL_TEXT)
 
 
 # ------------------------------------------------------------------------------------------------------ encoding
@@ -148,7 +150,7 @@ def prepare_videos(videos: str, captions: str, out: str, config, progress: bool 
 
     prep = PrepareConfig.from_config(config.data.prepare)
     data = DataConfig.from_config(config.data)
-    os.makedirs(out, exist_ok=True)
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out)
     manifest.setdefault("schema_version", SCHEMA_VERSION)
     if manifest["schema_version"] != SCHEMA_VERSION:
@@ -156,12 +158,13 @@ def prepare_videos(videos: str, captions: str, out: str, config, progress: bool 
                          f"version {SCHEMA_VERSION}: prepare into a new folder")
     manifest.setdefault("buckets", [list(b) for b in prep.buckets])
     done = {sid for shard in manifest["shards"] for sid in shard["source_ids"]}
-    names = sorted(f for f in os.listdir(videos) if f.lower().endswith(VIDEO_EXTENSIONS) and not f.startswith("."))
+    names = sorted(p.name for p in epath.Path(videos).iterdir()
+                   if p.name.lower().endswith(VIDEO_EXTENSIONS) and not p.name.startswith("."))
     caption_of = read_captions(captions)
     pending = [n for n in names if n not in done]
     skipped, written, started = [], 0, time.time()
     encoder = encoder or (ClipEncoder(config) if pending else None)
-    if encoder is not None and not os.path.exists(os.path.join(out, NULL_TEXT)):
+    if encoder is not None and not (epath.Path(out) / NULL_TEXT).exists():
         write_null_text(out, encoder, data)
     writer = ShardWriter(out, prep.records_per_shard, manifest)
     groups: dict[tuple[int, ...], list] = {}

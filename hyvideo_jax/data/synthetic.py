@@ -141,8 +141,9 @@ def write_dataset(out: str, config: "SyntheticConfig | Mapping[str, Any]") -> st
     Video i is `video-{i:05d}.mp4`, of size sizes[i % len(sizes)] and frames[i % len(frames)] frames; its scene
     comes from (seed, i), so adding videos never changes the earlier ones.
     """
+    from etils import epath
     config = SyntheticConfig.from_config(config)
-    os.makedirs(out, exist_ok=True)
+    epath.Path(out).mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(config.num_videos):
         rng = np.random.default_rng([config.seed, i])
@@ -153,8 +154,7 @@ def write_dataset(out: str, config: "SyntheticConfig | Mapping[str, Any]") -> st
         write_mp4(os.path.join(out, name), video, config.fps)
         lines.append(json.dumps({"video": name, "caption": scene.caption}))
     path = os.path.join(out, CAPTIONS)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    epath.Path(path).write_text("\n".join(lines) + "\n")
     return path
 
 
