@@ -70,7 +70,9 @@ def checkpoint_manager(workdir: str, config: TrainConfig) -> ocp.CheckpointManag
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, iterator):
     """The state (without a LoRA run's frozen base, which `train.init_from` gives back) and the data iterator's
-    position, as one checkpoint of `step` (asynchronous when the manager is)."""
+    position, as one checkpoint of `step` (asynchronous when the manager is). The position is one JSON for all
+    processes (every process's iterator stands at the same step of the same plan), not Grain's checkpoint handler,
+    whose files are per process count: a run may resume on another number of hosts."""
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state.replace(frozen=None)),
                                                data=ocp.args.JsonSave(iterator.get_state())), force=True)
 
