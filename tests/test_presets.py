@@ -10,7 +10,7 @@ def test_presets_cover_both_chips_and_both_trainings_and_are_consistent():
     found = aot_presets.presets()
     kinds = {(c.slice.topology.split(":")[0], c.lora.rank > 0) for c in found.values()}
     assert {"v5p", "v6e"} <= {chip for chip, _ in kinds} and {True, False} <= {lora for _, lora in kinds}
-    assert {("v5p", True), ("v5p", False), ("v6e", False)} <= kinds
+    assert {("v5p", True), ("v5p", False), ("v6e", True), ("v6e", False)} <= kinds
     for name, config in found.items():
         assert aot_presets.problems(config) == [], name
         assert config.slice.measured, name   # the AOT table's figure it was sized by
