@@ -8,7 +8,8 @@ C++ reader and writer (`ArrayRecordReader` / `ArrayRecordWriter`). All three spe
 run reads or writes with a user's path goes through epath and is exercised here: metrics.jsonl (resumed), the run's
 config.json, converted-folder and workdir detection, PyTorch weights (copied to the local cache), LoRA files, the
 prepared clips' manifest and empty-prompt encoding, caption files, video folders (listed, probed and decoded
-through a file object), the video index, mp4 and PNG outputs.
+through a file object), the video index, mp4 and PNG outputs, and exported LoRA files and safetensors folders (written
+locally, then copied up).
 """
 
 import json
@@ -90,6 +91,17 @@ def test_weights_and_loras_on_gs(bucket, tmp_path):
     here, there = load_lora(str(tmp_path / "lora.safetensors"), cfg), load_lora("gs://bucket/lora.safetensors", cfg)
     for a, b in zip(jax_leaves(here[0]), jax_leaves(there[0])):
         np.testing.assert_array_equal(a, b)
+
+    # Writers of local files only (safetensors, torch.save) write through a local folder copied up.
+    from hyvideo_jax.convert.lora import save_diffusers_lora
+    from hyvideo_jax.convert.torch_io import write_safetensors_folder
+    assert save_diffusers_lora(cfg, here[0], here[1], "gs://bucket/out/lora.safetensors").startswith("gs://")
+    again = load_lora(str(bucket / "out" / "lora.safetensors"), cfg)
+    for a, b in zip(jax_leaves(here[0]), jax_leaves(again[0])):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    write_safetensors_folder(iter(tensors.items()), "gs://bucket/out/folder", config={"num_layers": 1})
+    assert sorted(os.listdir(bucket / "out" / "folder")) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    np.testing.assert_array_equal(TensorSource.open(str(bucket / "out" / "folder"))["a.weight"], tensors["a.weight"])
 
 
 def jax_leaves(tree):

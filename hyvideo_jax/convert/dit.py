@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from hyvideo_jax.convert.dit_layouts import DiffusersAsOfficial, detect_layout, official_to_diffusers
 from hyvideo_jax.convert.torch_io import TensorSource, require_torch, to_numpy, to_torch, write_safetensors_folder
 from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT, example_inputs
+from hyvideo_jax.paths import writable_file
 
 Path = tuple[str, ...]
 
@@ -520,10 +521,10 @@ def save_torch_dit(config: DiTConfig | Mapping, params, path, layout: str = "dif
     elif layout == "official":
         torch = require_torch()
         state = {name: to_torch(array) for name, array in params_to_official(cfg, params, progress)}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save({"module": state}, path)
-        with open(path + ".config.json", "w") as f:  # the official file has no config; keep ours beside it
-            json.dump(cfg.to_dict(), f, indent=2)
+        with writable_file(path) as local:
+            torch.save({"module": state}, local)
+            with open(local + ".config.json", "w") as f:  # the official file has no config; keep ours beside it
+                json.dump(cfg.to_dict(), f, indent=2)
     else:
         raise ValueError(f"layout must be 'diffusers' or 'official', got {layout!r}")
     return path

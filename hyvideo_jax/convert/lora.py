@@ -36,7 +36,7 @@ from hyvideo_jax.convert.dit_layouts import official_to_diffusers
 from hyvideo_jax.convert.torch_io import TensorSource, to_numpy
 from hyvideo_jax.lora import LoRAConfig, flat_adapters, input_dims, is_stacked
 from hyvideo_jax.models.dit import DiTConfig
-from hyvideo_jax.paths import local_copy
+from hyvideo_jax.paths import local_copy, writable_file
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_down\.weight|lora_B\.weight|lora_up\.weight|alpha)$")
 _PARTS = {"lora_A.weight": "A", "lora_down.weight": "A", "lora_B.weight": "B", "lora_up.weight": "B", "alpha": "alpha"}
@@ -302,6 +302,6 @@ def save_diffusers_lora(config: DiTConfig | Mapping, adapters, lora_config: LoRA
                 tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(low[0])
                 tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(low[1])
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path, metadata={"format": "pt"})
+    with writable_file(path) as local:
+        save_file(tensors, local, metadata={"format": "pt"})
     return path

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from hyvideo_jax.paths import local_copy
+from hyvideo_jax.paths import local_copy, writable_folder
 
 
 def require_torch():
@@ -150,12 +150,17 @@ def _safetensors_index(files: list[str]) -> dict[str, str]:
 
 def write_safetensors_folder(tensors: Iterable[tuple[str, np.ndarray]], folder: str, config: dict | None = None,
                              max_shard_bytes: int = 5 * 2**30, prefix: str = "diffusion_pytorch_model") -> list[str]:
-    """Write (name, array) pairs as sharded safetensors + index json (+ config.json): the diffusers folder layout.
+    """Write (name, array) pairs as sharded safetensors + index json (+ config.json): the diffusers folder layout,
+    in a local or cloud folder (written locally, then copied up).
 
     Holds at most one shard in memory beyond the source arrays. Returns the written file names.
     """
     from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
+    with writable_folder(folder) as local:
+        return _write_safetensors(tensors, local, config, max_shard_bytes, prefix, save_file)
+
+
+def _write_safetensors(tensors, folder: str, config, max_shard_bytes: int, prefix: str, save_file) -> list[str]:
     shards: list[dict] = [{}]
     size = 0
     tmp_names = []

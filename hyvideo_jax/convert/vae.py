@@ -22,6 +22,7 @@ from flax import traverse_util
 
 from hyvideo_jax.convert.torch_io import TensorSource, require_torch, to_torch, write_safetensors_folder
 from hyvideo_jax.models.vae import HunyuanVideoVAE, VAEConfig
+from hyvideo_jax.paths import writable_folder
 
 PLAIN_CONVS = ("quant_conv", "post_quant_conv")  # nn.Conv3d in torch; every other conv is a CausalConv3d wrapper
 OFFICIAL_WEIGHTS = "pytorch_model.pt"
@@ -233,11 +234,11 @@ def save_torch_vae(config: VAEConfig, params, path: str, layout: str = "diffuser
         write_safetensors_folder(torch_state_dict(config, params), path, config=diffusers_config_json(config))
     elif layout == "official":
         torch = require_torch()
-        os.makedirs(path, exist_ok=True)
         state = {name: to_torch(array) for name, array in torch_state_dict(config, params)}
-        torch.save(state, os.path.join(path, OFFICIAL_WEIGHTS))
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(official_config_json(config), f, indent=2)
+        with writable_folder(path) as local:
+            torch.save(state, os.path.join(local, OFFICIAL_WEIGHTS))
+            with open(os.path.join(local, "config.json"), "w") as f:
+                json.dump(official_config_json(config), f, indent=2)
     else:
         raise ValueError(f"layout must be 'diffusers' or 'official', got {layout!r}")
     return path
