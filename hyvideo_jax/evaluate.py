@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
 from hyvideo_jax import flow
 from hyvideo_jax.config_fields import from_fields
@@ -200,7 +201,6 @@ def contact_sheet(videos: np.ndarray, columns: int) -> np.ndarray:
 def write_png(path, image: np.ndarray) -> str:
     """An RGB uint8 image as PNG at `path` (local or a cloud path)."""
     import mediapy
-    from etils import epath
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(mediapy.compress_image(image, fmt="png"))
@@ -212,7 +212,6 @@ def write_sample_grid(sampler, prompts: Sequence[str], out_dir, *, seed: int = 0
     """One video per prompt (seed `seed` + i) as mp4s under `out_dir` (`sample.mp4`, or `sample_000.mp4`, ... with
     `sample.jsonl` naming each prompt and seed) and their contact sheet `out_dir/contact_sheet.png`.
     Returns (sheet, mp4 paths)."""
-    from etils import epath
 
     from hyvideo_jax.sample import write_outputs
     result = sampler.generate(list(prompts), seeds=[seed + i for i in range(len(prompts))], videos_per_prompt=1)
@@ -249,7 +248,6 @@ class TrainingEvaluator:
 
     def __call__(self, state, step: int) -> tuple[dict[str, float], np.ndarray | None]:
         """(scalars, contact sheet or None) for the state at `step`."""
-        from etils import epath
         start = time.perf_counter()
         params = self.weights(state)
         scalars = self.loss(params)
@@ -272,25 +270,21 @@ class TrainingEvaluator:
 # ------------------------------------------------------------------------------------------------ a run's checkpoints
 def _writer(out_dir: str):
     """CLU writers for the evaluator's own folder: TensorBoard and its metrics.jsonl (process 0 writes)."""
-    import os
-
     from clu import metric_writers
 
     from hyvideo_jax.metrics import METRICS_FILE, JsonlWriter
     if jax.process_index() != 0:
         return metric_writers.create_default_writer(out_dir, just_logging=True)
-    from etils import epath
     epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
     return metric_writers.MultiWriter([metric_writers.create_default_writer(out_dir),
-                                       JsonlWriter(os.path.join(out_dir, METRICS_FILE))])
+                                       JsonlWriter(str(epath.Path(out_dir) / METRICS_FILE))])
 
 
 def evaluated_steps(workdir: str) -> list[int]:
     """The steps whose validation loss WORKDIR/eval/metrics.jsonl already holds (the command's own results)."""
-    import os
 
     from hyvideo_jax.metrics import read_metrics
-    return sorted(s for s, row in read_metrics(os.path.join(workdir, EVAL_DIR)).items() if "eval/loss" in row)
+    return sorted(s for s, row in read_metrics(str(epath.Path(workdir) / EVAL_DIR)).items() if "eval/loss" in row)
 
 
 def evaluate_workdir(config, workdir: str, *, step: int | None = None, follow: bool = False, samples: bool = True,
@@ -302,8 +296,6 @@ def evaluate_workdir(config, workdir: str, *, step: int | None = None, follow: b
     command: WORKDIR/eval/metrics.jsonl), in order, polling every `poll_seconds` until the run's final step
     (`train.num_steps`) is evaluated; `idle_timeout` seconds without a new checkpoint raise TimeoutError. `samples`
     makes the grid of `eval.prompts` for each step too."""
-    import os
-
     from hyvideo_jax.convert.dit_sources import load_dit
     from hyvideo_jax.convert.flax_io import checkpoint_steps
     from hyvideo_jax.parallel.mesh import create_mesh
@@ -316,8 +308,8 @@ def evaluate_workdir(config, workdir: str, *, step: int | None = None, follow: b
     if samples and ec.prompts:
         dit = dataclasses.replace(DiTConfig.from_config(config.model), remat_policy="none")
         sampler = Sampler.from_config(config, dit=(dit, None, ""), mesh=mesh)
-    out = os.path.join(workdir, EVAL_DIR)
-    writer = _writer(out)
+    out = epath.Path(workdir) / EVAL_DIR
+    writer = _writer(str(out))
     results = {}
 
     def evaluate(s: int):
@@ -326,7 +318,7 @@ def evaluate_workdir(config, workdir: str, *, step: int | None = None, follow: b
         scalars = loss(params)
         if sampler is not None:
             sampler.params = params
-            sheet, _ = write_sample_grid(sampler, ec.prompts, os.path.join(out, f"step_{s}"), seed=ec.seed,
+            sheet, _ = write_sample_grid(sampler, ec.prompts, out / f"step_{s}", seed=ec.seed,
                                          columns=ec.sheet_columns)
             writer.write_images(s, {"eval/samples": sheet[None]})
         scalars["eval/seconds"] = time.perf_counter() - start

@@ -28,7 +28,6 @@ Weights come from a training workdir (EMA parameters when the run kept them), a 
 import dataclasses
 import functools
 import json
-import os
 import sys
 import threading
 import time
@@ -444,7 +443,7 @@ def write_outputs(result: SampleResult, out: str, fps: float, save_latents: bool
             buffer = io.BytesIO()
             np.save(buffer, latents)
             epath.Path(path[:-4] + ".npy").write_bytes(buffer.getvalue())
-        index.append({"file": os.path.basename(path), "prompt": prompt, "seed": seed})
+        index.append({"file": epath.Path(path).name, "prompt": prompt, "seed": seed})
     if len(paths) > 1:
         epath.Path(out[:-4] + ".jsonl").write_text("".join(json.dumps(row) + "\n" for row in index))
     return paths

@@ -23,7 +23,6 @@ step time, image tokens/s and model-FLOPs utilization from the compiled step's c
 """
 
 import json
-import os
 import signal
 import threading
 import time
@@ -214,7 +213,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     """Train per `config` in `workdir`, resuming from its latest checkpoint; returns the final TrainState."""
     sections = validate_config(config)
     from hyvideo_jax.compilation import CacheCounter, use_compilation_cache
-    use_compilation_cache(sections["train"].compilation_cache_dir or os.path.join(workdir, "compilation_cache"))
+    use_compilation_cache(sections["train"].compilation_cache_dir or str(resolve(workdir) / "compilation_cache"))
     cache_use = CacheCounter().__enter__()   # what this run reads from / writes to the cache (left in `finally`)
     train_config: TrainConfig = sections["train"]
     mesh = create_mesh(sections["mesh"])
@@ -267,7 +266,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         epath.Path(workdir, CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, default=list))
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     if is_main:
-        writer = metric_writers.MultiWriter([writer, JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+        writer = metric_writers.MultiWriter([writer, JsonlWriter(str(resolve(workdir) / METRICS_FILE))])
     if start == 0:
         writer.write_hparams({k: v for k, v in flatten(config.to_dict()).items()})
     hooks = [periodic_actions.ReportProgress(num_train_steps=train_config.num_steps, writer=writer)]

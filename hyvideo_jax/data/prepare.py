@@ -24,7 +24,6 @@ reported, never fatal.
 
 import io
 import json
-import os
 import time
 
 import numpy as np
@@ -79,7 +78,7 @@ class ShardWriter:
         if self.writer is None:
             name = f"clips-{len(self.manifest['shards']):05d}.array_record"
             # group_size:1 keeps every record its own chunk, so random access reads one record, not a group.
-            self.writer = ArrayRecordWriter(os.path.join(self.out, name), "group_size:1")
+            self.writer = ArrayRecordWriter(str(epath.Path(self.out) / name), "group_size:1")
             self.entry = {"path": name, "records": 0, "latent_shapes": [], "source_ids": []}
         self.writer.write(serialize(clip))
         self.entry["records"] += 1
@@ -94,7 +93,7 @@ class ShardWriter:
         self.writer.close()
         self.manifest["shards"].append(self.entry)
         self.writer, self.entry = None, None
-        write_json(os.path.join(self.out, MANIFEST), self.manifest)
+        write_json(epath.Path(self.out) / MANIFEST, self.manifest)
 
 
 def write_null_text(out: str, encoder: "ClipEncoder", data: DataConfig):
@@ -186,8 +185,8 @@ def prepare_videos(videos: str, captions: str, out: str, config, progress: bool 
     for name in tqdm(pending, desc="prepare", unit="video", disable=not progress):
         try:
             if name not in caption_of:
-                raise SkipVideo(f"no caption in {os.path.basename(captions)}")
-            video, source_fps = decode_clip(os.path.join(videos, name), prep)
+                raise SkipVideo(f"no caption in {epath.Path(captions).name}")
+            video, source_fps = decode_clip(str(epath.Path(videos) / name), prep)
         except SkipVideo as e:
             skipped.append({"video": name, "reason": str(e)})
             continue
@@ -200,7 +199,7 @@ def prepare_videos(videos: str, captions: str, out: str, config, progress: bool 
     summary = {"videos": len(names), "already_prepared": len(names) - len(pending), "written": written,
                "skipped": skipped, "records_total": sum(s["records"] for s in manifest["shards"]),
                "shards_total": len(manifest["shards"]), "seconds": round(time.time() - started, 2)}
-    write_json(os.path.join(out, SUMMARY), summary)
+    write_json(epath.Path(out) / SUMMARY, summary)
     return summary
 
 
@@ -210,7 +209,7 @@ def main(argv):
     f = flags.FLAGS
     summary = prepare_videos(f.videos, f.captions, f.out, f.config)
     print(f"{summary['written']} clips written, {summary['already_prepared']} already prepared, "
-          f"{len(summary['skipped'])} skipped (reasons in {os.path.join(f.out, SUMMARY)}); "
+          f"{len(summary['skipped'])} skipped (reasons in {epath.Path(f.out) / SUMMARY}); "
           f"{summary['records_total']} records in {summary['shards_total']} shards")
     for entry in summary["skipped"]:
         print(f"  skipped {entry['video']}: {entry['reason']}")

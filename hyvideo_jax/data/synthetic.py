@@ -11,7 +11,6 @@ download. Videos are H.264 (yuv420p, PyAV), so they go through the same decoder 
 
 import dataclasses
 import json
-import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -151,9 +150,9 @@ def write_dataset(out: str, config: "SyntheticConfig | Mapping[str, Any]") -> st
         height, width = config.sizes[i % len(config.sizes)]
         video = render(scene, config.frames[i % len(config.frames)], height, width, float(rng.uniform(-0.3, 0.3)))
         name = f"video-{i:05d}.mp4"
-        write_mp4(os.path.join(out, name), video, config.fps)
+        write_mp4(str(epath.Path(out) / name), video, config.fps)
         lines.append(json.dumps({"video": name, "caption": scene.caption}))
-    path = os.path.join(out, CAPTIONS)
+    path = str(epath.Path(out) / CAPTIONS)
     epath.Path(path).write_text("\n".join(lines) + "\n")
     return path
 
