@@ -111,3 +111,26 @@ def test_config_errors_name_the_field():
         tiny_config(attention_backend="magic")
     with pytest.raises(ValueError, match=r"unknown model config field\(s\) \['hiden_size'\]"):
         DiTConfig.from_config({"hiden_size": 3})
+
+
+def test_rope_tables_are_computed_in_the_program_not_baked_in():
+    """The tables equal the references' NumPy formula, and the compiled forward holds no large constant (at 720p
+    baked-in tables would weigh ~61 MB)."""
+    from hyvideo_jax.models.rope import rope_tables
+    grid, axes, theta = (3, 4, 6), (4, 6, 6), 256.0
+    positions = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in grid], indexing="ij"), -1)
+    angles = np.concatenate([positions.reshape(-1, 3)[:, a:a + 1] * (1.0 / np.float32(theta) ** (
+        np.arange(0, d, 2, dtype=np.float32)[: d // 2] / np.float32(d))).astype(np.float32)[None]
+        for a, d in enumerate(axes)], axis=-1)
+    cos, sin = rope_tables(grid, axes, theta)
+    np.testing.assert_allclose(cos, np.cos(angles), atol=1e-7)
+    np.testing.assert_allclose(sin, np.sin(angles), atol=1e-7)
+
+    cfg = tiny_config()
+    model = HunyuanVideoDiT(cfg)
+    inputs = example_inputs(cfg, b=1, t=8, h=32, w=32)          # 2,048 image tokens: tables of 16,384 values
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs))["params"]
+    hlo = jax.jit(lambda p, *a: model.apply({"params": p}, *a)).lower(nn.unbox(params), *inputs).compile().as_text()
+    sizes = [int(np.prod([int(d) for d in m.group(1).split(",") if d] or [1]))
+             for m in re.finditer(r"(?:f32|s32|bf16)\[([\d,]*)\][^ ]* constant\(", hlo)]
+    assert max(sizes) < 1024, sorted(sizes)[-3:]

@@ -12,21 +12,21 @@ import numpy as np
 def rope_tables(grid: tuple[int, int, int], axes_dim: tuple[int, ...], theta: float = 256.0):
     """cos and sin per token and rotation pair for a (T, H, W) token grid: two fp32 arrays [T·H·W, head_dim/2].
 
-    Built with NumPy from static sizes, so they are constants under jit (no work per step).
+    Computed in the graph from iotas (only the head_dim/2 frequencies are constants): baked in as constants, the
+    tables of a 720p video would add ~61 MB to the program and to every device's memory.
     """
     for d in axes_dim:
         if d % 2:
             raise ValueError(f"every rope axis dim must be even, got rope_axes_dim={tuple(axes_dim)}")
-    # fp32 throughout, as the references compute it, so the tables agree to the last bit or two.
-    positions = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in grid], indexing="ij"), axis=-1)
-    positions = positions.reshape(-1, 3)  # t-major, same order as the tokens
-    angles = []
-    for axis, d in enumerate(axes_dim):
-        freqs = (1.0 / np.float32(theta) ** (np.arange(0, d, 2, dtype=np.float32)[: d // 2] / np.float32(d)))
-        freqs = freqs.astype(np.float32)
-        angles.append(positions[:, axis:axis + 1] * freqs[None])
-    angles = np.concatenate(angles, axis=-1)
-    return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+    # fp32 throughout, as the references compute it (the frequencies in NumPy as they do, then pos · freq).
+    freqs = np.concatenate([(1.0 / np.float32(theta) ** (np.arange(0, d, 2, dtype=np.float32)[: d // 2]
+                                                        / np.float32(d))).astype(np.float32) for d in axes_dim])
+    owner = np.repeat(np.arange(3), [d // 2 for d in axes_dim])          # which grid axis each pair rotates by
+    index = jnp.arange(int(np.prod(grid)), dtype=jnp.int32)              # tokens, t-major
+    strides = (grid[1] * grid[2], grid[2], 1)
+    positions = jnp.stack([(index // strides[a]) % grid[a] for a in range(3)], axis=-1).astype(jnp.float32)
+    angles = positions[:, owner] * jnp.asarray(freqs)[None]
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x, cos, sin):
