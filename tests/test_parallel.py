@@ -103,6 +103,37 @@ def test_ulysses_rejects_indivisible_heads():
             joint_attention(q, q, q, seg, 16, method="ulysses")
 
 
+def test_attention_placement_follows_the_rules_and_warns_when_work_would_repeat():
+    """joint_attention reads its mesh axes from the logical-axis rules in effect, and says when a batch or head
+    count does not divide (the attention would be repeated on those devices), instead of silently replicating."""
+    import re
+    import warnings
+
+    import flax.linen as nn
+
+    from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
+    q = jax.random.normal(jax.random.PRNGKey(0), (4, 16 + 4, 4, 8))
+    seg = jnp.ones((4, 20), jnp.int32)
+    mesh = create_mesh(MeshConfig(ici=(1, 4, 2, 1)))
+
+    def compiled(rules, x):
+        fn = lambda x: joint_attention(x, x, x, seg[:x.shape[0]], 16, method="ulysses")   # noqa: E731 (new trace)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hlo = jax.jit(fn).lower(x).compile().as_text()
+        return len(re.findall(r" all-to-all\(", hlo)), [str(w.message) for w in caught]
+    to_all, caught = compiled(LOGICAL_AXIS_RULES, q)
+    assert to_all > 0 and caught == []
+    # The rules no longer map the token axis to 'sequence': plain attention, no all-to-all.
+    no_seq = tuple((name, None if name == "seq" else target) for name, target in LOGICAL_AXIS_RULES)
+    assert compiled(no_seq, q) == (0, [])
+    # A batch of 2 over fsdp 4: said, with what to change.
+    _, caught = compiled(LOGICAL_AXIS_RULES, q[:2])
+    assert caught == ["sequence-parallel attention: a batch of 2 does not divide over the mesh axes ('fsdp',) of "
+                      "size 4: each of those 4 devices computes all of it (4× the work). Make the batch a multiple "
+                      "of it, or move those devices to the sequence axis."]
+
+
 def test_mesh_config_errors():
     with pytest.raises(ValueError, match=r"mesh.ici \(3, -1, 1, 1\): 8 devices per slice do not divide by 3"):
         create_mesh(MeshConfig(ici=(3, -1, 1, 1)))

@@ -7,11 +7,12 @@ backend (used by the CPU tests); on TPU it compiles to Mosaic.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from hyvideo_jax.parallel.sharding import mesh_axes_of, split_or_warn
 
 _PAD_SEGMENT = -1
 
@@ -33,8 +34,9 @@ def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=Fa
     """q [B, Lq, H, D], k/v [B, Lk, H, D], int segment ids [B, L] → [B, Lq, H, D].
 
     Under a mesh (outside any shard_map) the kernel runs per device: Mosaic kernels cannot be partitioned by
-    GSPMD, so the call is wrapped in a `shard_map` over the batch axes ('data', 'fsdp') and heads ('tensor'),
-    each used only when it divides the array.
+    GSPMD, so the call is wrapped in a `shard_map` over the mesh axes of the logical 'batch' and 'act_heads' axes
+    (the rules table), each used only when it divides the array; otherwise a warning says so (the attention would
+    be repeated on those devices).
     """
     if q_segment_ids is None:
         q_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
@@ -42,10 +44,10 @@ def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=Fa
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and not mesh.are_all_axes_manual and mesh.size > 1:
         sizes = dict(mesh.shape)
-        batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
-        n_batch = math.prod(sizes[a] for a in batch_axes)
-        batch = batch_axes if batch_axes and q.shape[0] % n_batch == 0 else None
-        heads = "tensor" if sizes.get("tensor", 1) > 1 and q.shape[2] % sizes["tensor"] == 0 else None
+        batch = split_or_warn("splash attention: a batch", q.shape[0], mesh_axes_of("batch", sizes), sizes,
+                              "Make the batch a multiple of it, or move those devices to the 'sequence' axis.")
+        heads = split_or_warn("splash attention: a head count", q.shape[2], mesh_axes_of("act_heads", sizes), sizes,
+                              "Use a tensor axis that divides the heads.")
         x_spec, s_spec = P(batch, None, heads, None), P(batch, None)
         local = functools.partial(_splash_local, causal=causal, block=block, interpret=interpret)
         return jax.shard_map(local, in_specs=(x_spec,) * 3 + (s_spec,) * 2, out_specs=x_spec,

@@ -92,6 +92,31 @@ def process_rows(sharding, batch: int, process_index: int | None = None):
     return np.asarray(sorted(rows), np.int64)
 
 
+def mesh_axes_of(logical: str, sizes: dict[str, int], rules: Rules | None = None) -> tuple[str, ...]:
+    """The mesh axes (of size > 1 in `sizes`) that a logical axis maps to under `rules` (default: the rules in
+    effect, `nn.logical_axis_rules`, else LOGICAL_AXIS_RULES): what code placing work by hand (shard_map around a
+    kernel, sequence parallelism) reads instead of naming mesh axes itself."""
+    rules = rules if rules is not None else (nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
+    for name, target in rules:
+        if name == logical:
+            axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+            return tuple(a for a in axes if sizes.get(a, 1) > 1)
+    return ()
+
+
+def split_or_warn(what: str, size: int, axes: tuple[str, ...], sizes: dict[str, int], advice: str):
+    """`axes` when `size` divides over them (their product), else None with a warning: the work of that dimension
+    would then be repeated on every device of those axes."""
+    import math
+    import warnings
+    n = math.prod(sizes[a] for a in axes)
+    if not axes or size % n == 0:
+        return axes or None
+    warnings.warn(f"{what} of {size} does not divide over the mesh axes {axes} of size {n}: each of those {n} "
+                  f"devices computes all of it ({n}× the work). {advice}", stacklevel=3)
+    return None
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
