@@ -8,7 +8,7 @@ import pytest
 
 from hyvideo_jax.models.attention import attention, cudnn_attention, xla_attention
 from hyvideo_jax.models.chunked_attention import chunked_attention
-from hyvideo_jax.models.splash_attention import splash_attention
+from hyvideo_jax.models.splash_attention import SplashBlocks, splash_attention
 
 B, L, H, D = 2, 300, 2, 32
 SEGMENTS = np.array([[1] * 280 + [2] * 20, [1] * 257 + [2] * 43], np.int32)  # image+valid text, then padding
@@ -25,7 +25,10 @@ def grads(fn, q, k, v, dout, seg):
 
 @pytest.mark.parametrize("name, fn", [
     ("chunked", lambda q, k, v, s1, s2: chunked_attention(q, k, v, s1, s2, block_q=64, block_k=96)),
-    ("splash", lambda q, k, v, s1, s2: splash_attention(q, k, v, s1, s2, block=128, interpret=True)),
+    ("splash", lambda q, k, v, s1, s2: splash_attention(q, k, v, s1, s2, blocks=SplashBlocks(128, 128, 128),
+                                                                  interpret=True)),
+    ("splash, dq in its own kernel", lambda q, k, v, s1, s2: splash_attention(
+        q, k, v, s1, s2, blocks=SplashBlocks(128, 128, 128, fused_backward=False), interpret=True)),
 ])
 def test_backend_matches_xla_forward_and_gradients(name, fn):
     q, k, v, dout = qkv()
@@ -35,6 +38,36 @@ def test_backend_matches_xla_forward_and_gradients(name, fn):
                                                             grads(fn, q, k, v, dout, SEGMENTS)))
     print(f"{name}: forward max error {err:.1e}, gradient max error {gerr:.1e}")
     assert err < 1e-5 and gerr < 1e-4
+
+
+def test_splash_block_sizes_from_the_model_config_reach_the_kernel(monkeypatch):
+    """model.splash_block_* and splash_fused_backward become the kernel's BlockSizes (traced only: the kernel is
+    built at trace time); and the fused backward gives the separate-dq kernels' gradients (interpret mode)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    from hyvideo_jax.models.dit import HunyuanVideoDiT
+    from tests.test_dit_model import example_inputs, tiny_config
+    built = []
+    real = sk.make_splash_mha
+    monkeypatch.setattr(sk, "make_splash_mha", lambda mask, **kw: built.append(kw["block_sizes"]) or real(mask, **kw))
+    cfg = tiny_config(attention_backend="splash", splash_block_q=256, splash_block_kv=256, splash_block_kv_compute=128,
+                      splash_fused_backward=False)
+    inputs = example_inputs(cfg, b=1, t=4, h=32, w=32)      # 1,024 image tokens (+ 5 text): padded to 1,280
+    model = HunyuanVideoDiT(cfg)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs))
+    jax.eval_shape(lambda p: model.apply(p, *inputs), params)
+    got = {(b.block_q, b.block_kv, b.block_kv_compute, b.block_q_dkv, b.block_kv_dkv, b.block_kv_dkv_compute,
+            b.block_q_dq, b.block_kv_dq, b.use_fused_bwd_kernel) for b in built}
+    # The blocks' attention over 1,029 tokens, and the token refiner's over 5 (blocks capped at one 128 tile).
+    assert got == {(256, 256, 128, 256, 256, 128, 256, 256, False), (128,) * 8 + (False,)}
+    with pytest.raises(ValueError, match=r"model.splash_block_\*: splash block kv_compute 384 must divide kv 512"):
+        tiny_config(splash_block_kv_compute=384)
+
+    q, k, v, dout = qkv(3)
+    fused, separate = (grads(lambda *a: splash_attention(*a, blocks=SplashBlocks(128, 128, 128, fused_backward=f),
+                                                         interpret=True), q, k, v, dout, SEGMENTS) for f in (True, False))
+    for a, b in zip(fused, separate):
+        np.testing.assert_allclose(a, b, atol=2e-6)
 
 
 def test_chunked_causal_matches_xla():

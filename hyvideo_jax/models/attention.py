@@ -64,10 +64,14 @@ BACKENDS: dict[str, Callable] = {
 }
 
 
-def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal: bool = False, backend: str = "xla"):
-    """Multi-head attention with segment-id masking; see the module docstring for shapes and semantics."""
+def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal: bool = False, backend: str = "xla",
+              splash=None):
+    """Multi-head attention with segment-id masking; see the module docstring for shapes and semantics. `splash`:
+    the splash kernels' block sizes (`SplashBlocks`; default its defaults), used by the "splash" backend."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {sorted(BACKENDS)}")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+    if backend == "splash":
+        return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, blocks=splash)
     return BACKENDS[backend](q, k, v, q_segment_ids, kv_segment_ids, causal=causal)

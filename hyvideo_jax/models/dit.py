@@ -21,6 +21,7 @@ from hyvideo_jax.models.attention import BACKENDS, attention
 from hyvideo_jax.models.layers import (MLP, REMAT_POLICIES, LayerNorm, Modulation, RMSNorm, VectorEmbedder, dense,
                                        dtypes as _dtypes, modulate, scan_blocks)
 from hyvideo_jax.models.rope import apply_rope, rope_tables
+from hyvideo_jax.models.splash_attention import SplashBlocks
 from hyvideo_jax.parallel.sequence import METHODS as SEQUENCE_PARALLEL_METHODS, joint_attention
 
 PADDING_SEGMENT = 2  # segment id of padded text tokens; image and valid text tokens are segment 1
@@ -51,10 +52,20 @@ class DiTConfig:
     remat_policy: str = "none"
     attention_backend: str = "xla"
     sequence_parallel: str = "auto"  # over the mesh axis 'sequence': ulysses | ring | auto (ulysses if heads allow)
+    # The splash kernels' block sizes (attention_backend "splash"), in tokens, and its fused backward (SplashBlocks).
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
+    splash_block_kv_compute: int = 512
+    splash_fused_backward: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "rope_axes_dim", tuple(int(d) for d in self.rope_axes_dim))
         self.validate()
+
+    @property
+    def splash_blocks(self) -> SplashBlocks:
+        return SplashBlocks(self.splash_block_q, self.splash_block_kv, self.splash_block_kv_compute,
+                            self.splash_fused_backward)
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +83,10 @@ class DiTConfig:
         """Raise ValueError naming the first inconsistent field."""
         def fail(field, msg):
             raise ValueError(f"model.{field}: {msg}")
+        try:
+            self.splash_blocks
+        except ValueError as e:
+            fail("splash_block_*", str(e))
         for f in ("in_channels", "out_channels", "hidden_size", "num_heads", "patch_size", "patch_size_t",
                   "text_states_dim", "pooled_text_dim"):
             if int(getattr(self, f)) <= 0:
@@ -161,7 +176,7 @@ class TokenRefinerBlock(nn.Module):
         gate_msa, gate_mlp = Modulation(2, name="adaLN_modulation", **dt)(c)
         h = LayerNorm(affine=True, name="norm1", param_dtype=dt["param_dtype"])(x)
         q, k, v = _qkv(h, cfg, "self_attn_qkv", seq="text_seq")
-        a = attention(q, k, v, segment_ids, segment_ids, backend=cfg.attention_backend)
+        a = attention(q, k, v, segment_ids, segment_ids, backend=cfg.attention_backend, splash=cfg.splash_blocks)
         x = x + gate_msa[:, None] * _out_proj(a, cfg, "self_attn_proj")
         h = LayerNorm(affine=True, name="norm2", param_dtype=dt["param_dtype"])(x)
         mlp_dim = int(cfg.hidden_size * cfg.refiner_mlp_ratio)
@@ -211,7 +226,8 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
         txt_q, txt_k, txt_v = stream_qkv(txt, txt_mod, "txt", "text_seq")
         q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v)))
-        a = joint_attention(q, k, v, segment_ids, n_img, backend=cfg.attention_backend, method=cfg.sequence_parallel)
+        a = joint_attention(q, k, v, segment_ids, n_img, backend=cfg.attention_backend, method=cfg.sequence_parallel,
+                            splash=cfg.splash_blocks)
 
         def stream_out(x, a, mod, prefix, seq):
             x = x + mod[2][:, None] * _out_proj(a, cfg, f"{prefix}_attn_proj")
@@ -246,7 +262,8 @@ class SingleStreamBlock(nn.Module):
         k = RMSNorm(name="k_norm", param_dtype=dt["param_dtype"], axis_name="kv")(k)
         q = jnp.concatenate([apply_rope(q[:, :n_img], cos, sin), q[:, n_img:]], axis=1)
         k = jnp.concatenate([apply_rope(k[:, :n_img], cos, sin), k[:, n_img:]], axis=1)
-        a = joint_attention(q, k, v, segment_ids, n_img, backend=cfg.attention_backend, method=cfg.sequence_parallel)
+        a = joint_attention(q, k, v, segment_ids, n_img, backend=cfg.attention_backend, method=cfg.sequence_parallel,
+                            splash=cfg.splash_blocks)
         out = (_out_proj(a, cfg, "linear2_attn")
                + dense(cfg.hidden_size, ("mlp", "embed"), name="linear2_mlp", use_bias=False, **dt)(mlp))
         return _residual(x + gate[:, None] * out), None

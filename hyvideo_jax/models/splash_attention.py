@@ -6,6 +6,7 @@ to padding, so no softmax row is empty). `interpret=True` runs the same kernel i
 backend (used by the CPU tests); on TPU it compiles to Mosaic.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -15,22 +16,50 @@ from jax.sharding import PartitionSpec as P
 from hyvideo_jax.parallel.sharding import mesh_axes_of, split_or_warn
 
 _PAD_SEGMENT = -1
+_TILE = 128   # the kernel's lane width: sequence lengths are padded to a multiple of it and of the blocks
 
 
-def _kernel(lq: int, lk: int, heads: int, causal: bool, block: int, interpret: bool):
+@dataclasses.dataclass(frozen=True)
+class SplashBlocks:
+    """Block sizes of the splash kernels, in tokens (multiples of 128, capped at the padded sequence length): query
+    blocks `q`, key/value blocks `kv`, and the key slice `kv_compute` each inner step takes (dividing `kv`); the
+    backward uses the same. `fused_backward`: one kernel computes dq, dk and dv together (no separate dq pass)."""
+    q: int = 512
+    kv: int = 512
+    kv_compute: int = 512
+    fused_backward: bool = True
+
+    def __post_init__(self):
+        for name in ("q", "kv", "kv_compute"):
+            value = getattr(self, name)
+            if value < _TILE or value % _TILE:
+                raise ValueError(f"splash block {name}: must be a positive multiple of {_TILE}, got {value}")
+        if self.kv % self.kv_compute:
+            raise ValueError(f"splash block kv_compute {self.kv_compute} must divide kv {self.kv}")
+
+
+def _fit(block: int, length: int) -> int:
+    """`block` capped at `length` rounded up to the kernel's lane width."""
+    return min(block, -(-length // _TILE) * _TILE)
+
+
+def _kernel(lq: int, lk: int, heads: int, causal: bool, blocks: "SplashBlocks", interpret: bool):
     # Built per call, not cached: the kernel holds arrays made under the caller's trace (its mask info).
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
     mask = sm.CausalMask((lq, lk)) if causal else sm.FullMask((lq, lk))
-    bq, bk = min(block, lq), min(block, lk)
-    sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
-                          block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+    bq, bkv = _fit(blocks.q, lq), _fit(blocks.kv, lk)
+    bkc = bkv if bkv % _fit(blocks.kv_compute, lk) else _fit(blocks.kv_compute, lk)
+    fused = blocks.fused_backward
+    sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkc, block_q_dkv=bq, block_kv_dkv=bkv,
+                          block_kv_dkv_compute=bkc, block_q_dq=None if fused else bq,
+                          block_kv_dq=None if fused else bkv, use_fused_bwd_kernel=fused)
     return sk.make_splash_mha(sm.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
                               interpret=interpret)
 
 
-def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False, *, block: int = 512,
-                     interpret: bool = False):
+def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False, *,
+                     blocks: SplashBlocks | None = None, interpret: bool = False):
     """q [B, Lq, H, D], k/v [B, Lk, H, D], int segment ids [B, L] → [B, Lq, H, D].
 
     Under a mesh (outside any shard_map) the kernel runs per device: Mosaic kernels cannot be partitioned by
@@ -49,19 +78,18 @@ def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=Fa
         heads = split_or_warn("splash attention: a head count", q.shape[2], mesh_axes_of("act_heads", sizes), sizes,
                               "Use a tensor axis that divides the heads.")
         x_spec, s_spec = P(batch, None, heads, None), P(batch, None)
-        local = functools.partial(_splash_local, causal=causal, block=block, interpret=interpret)
+        local = functools.partial(_splash_local, causal=causal, blocks=blocks or SplashBlocks(), interpret=interpret)
         return jax.shard_map(local, in_specs=(x_spec,) * 3 + (s_spec,) * 2, out_specs=x_spec,
                              check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
-    return _splash_local(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, block=block, interpret=interpret)
+    return _splash_local(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, blocks=blocks or SplashBlocks(),
+                         interpret=interpret)
 
 
-def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, block, interpret):
+def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, blocks, interpret):
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    tile = 128  # the kernel's lane width: sequence lengths are padded to a multiple of it and of the block
-    block = max(tile, (min(block, max(lq, lk)) // tile) * tile)
-    pad_q, pad_k = -lq % block, -lk % block
+    pad_q, pad_k = -lq % _fit(blocks.q, lq), -lk % _fit(blocks.kv, lk)   # whole blocks
     if causal and lq + pad_q != lk + pad_k:
         raise ValueError(f"causal splash attention needs equal padded lengths, got {lq} and {lk}")
 
@@ -72,6 +100,6 @@ def _splash_local(q, k, v, q_segment_ids, kv_segment_ids, *, causal, block, inte
     qt, kt, vt = heads_first(pad(q * scale, pad_q)), heads_first(pad(k, pad_k)), heads_first(pad(v, pad_k))
     segments = SegmentIds(q=pad(q_segment_ids.astype(jnp.int32), pad_q, _PAD_SEGMENT),
                           kv=pad(kv_segment_ids.astype(jnp.int32), pad_k, _PAD_SEGMENT))
-    kernel = _kernel(lq + pad_q, lk + pad_k, h, causal, block, interpret)
+    kernel = _kernel(lq + pad_q, lk + pad_k, h, causal, blocks, interpret)
     out = jax.vmap(lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=s1))(qt, kt, vt, segments)
     return jnp.transpose(out, (0, 2, 1, 3))[:, :lq].astype(q.dtype)

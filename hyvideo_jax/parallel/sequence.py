@@ -32,14 +32,14 @@ def _axis_sizes():
     return {} if mesh.empty else dict(mesh.shape)
 
 
-def joint_attention(q, k, v, segment_ids, n_img: int, *, backend: str = "xla", method: str = "auto"):
+def joint_attention(q, k, v, segment_ids, n_img: int, *, backend: str = "xla", method: str = "auto", splash=None):
     """Attention over [image (n_img tokens), text] with segment ids [B, L]; sequence-parallel under a mesh whose
     axis for the logical 'seq' axis (the rules table) has more than one device. Batch and heads are split over the
     mesh axes of 'batch' and 'act_heads' when they divide, else a warning says the work is repeated."""
     sizes = _axis_sizes()
     seq_axes = mesh_axes_of("seq", sizes)
     if not seq_axes or method == "none":
-        return attention(q, k, v, segment_ids, segment_ids, backend=backend)
+        return attention(q, k, v, segment_ids, segment_ids, backend=backend, splash=splash)
     if method not in METHODS:
         raise ValueError(f"sequence_parallel must be one of {METHODS}, got {method!r}")
     if len(seq_axes) != 1:
@@ -63,7 +63,7 @@ def joint_attention(q, k, v, segment_ids, n_img: int, *, backend: str = "xla", m
     seg_img_spec, seg_txt_spec = P(batch, axis), P(batch, None)
     body = _ulysses if method == "ulysses" else _ring
     fn = jax.shard_map(
-        lambda *a: body(*a, axis=axis, n_shards=s, backend=backend),
+        lambda *a: body(*a, axis=axis, n_shards=s, backend=backend, splash=splash),
         in_specs=(img_spec,) * 3 + (txt_spec,) * 3 + (seg_img_spec, seg_txt_spec),
         out_specs=(img_spec, txt_spec), check_vma=False)
     split = lambda x: (x[:, :n_img], x[:, n_img:])
@@ -72,7 +72,7 @@ def joint_attention(q, k, v, segment_ids, n_img: int, *, backend: str = "xla", m
     return jnp.concatenate([out_img, out_txt], axis=1)
 
 
-def _ulysses(qi, ki, vi, qt, kt, vt, si, st, *, axis, n_shards, backend):
+def _ulysses(qi, ki, vi, qt, kt, vt, si, st, *, axis, n_shards, backend, splash):
     """Per device: image [b, n/S, h, d] → [b, n, h/S, d] by all-to-all; text sliced to the same h/S heads."""
     to_heads = lambda x: jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
     hs = qi.shape[2] // n_shards
@@ -82,15 +82,15 @@ def _ulysses(qi, ki, vi, qt, kt, vt, si, st, *, axis, n_shards, backend):
     k = jnp.concatenate([to_heads(ki), own(kt)], axis=1)
     v = jnp.concatenate([to_heads(vi), own(vt)], axis=1)
     seg = jnp.concatenate([jax.lax.all_gather(si, axis, axis=1, tiled=True), st], axis=1)
-    out = attention(q, k, v, seg, seg, backend=backend)
+    out = attention(q, k, v, seg, seg, backend=backend, splash=splash)
     out_img = jax.lax.all_to_all(out[:, :n], axis, split_axis=1, concat_axis=2, tiled=True)
     out_txt = jax.lax.all_gather(out[:, n:], axis, axis=2, tiled=True)
     return out_img, out_txt
 
 
-def _ring(qi, ki, vi, qt, kt, vt, si, st, *, axis, n_shards, backend):
+def _ring(qi, ki, vi, qt, kt, vt, si, st, *, axis, n_shards, backend, splash):
     """Per device: queries [own image slice, text]; image K/V slices travel the ring, text K/V stay local."""
-    del backend  # the ring folds blocks itself with the online softmax
+    del backend, splash  # the ring folds blocks itself with the online softmax
     q = jnp.concatenate([qi, qt], axis=1)
     q_seg = jnp.concatenate([si, st], axis=1)
     scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
