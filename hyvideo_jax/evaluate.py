@@ -33,8 +33,9 @@ from etils import epath
 
 from hyvideo_jax import flow
 from hyvideo_jax.config_fields import from_fields
+from hyvideo_jax.convert.dit_sources import inference_config
 from hyvideo_jax.data import pipeline
-from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT
+from hyvideo_jax.models.dit import HunyuanVideoDiT
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
 from hyvideo_jax.parallel.sharding import batch_sharding, replicated
 
@@ -129,7 +130,7 @@ class LossEvaluator:
                              "data.eval_fraction (a held-out share of the training records)")
         if not len(self.source):
             raise ValueError("the evaluation source holds no clips")
-        dit = dataclasses.replace(DiTConfig.from_config(config.model), remat_policy="none")
+        dit = inference_config(config)
         self.model, self.guidance_embed = HunyuanVideoDiT(dit), dit.guidance_embed
         self.flow = flow.FlowConfig.from_config(config.flow)
         self.mesh, self.rules, self.progress = mesh, rules, progress
@@ -221,6 +222,14 @@ def write_sample_grid(sampler, prompts: Sequence[str], out_dir, *, seed: int = 0
     return sheet, paths
 
 
+def grid_sampler(config, mesh, rules=LOGICAL_AXIS_RULES):
+    """A Sampler (text encoders, VAE) for sample grids, without transformer weights: set `sampler.params` to the
+    weights of each evaluated step."""
+    from hyvideo_jax.sample import Sampler
+    return Sampler.from_config(config, dit=(inference_config(config), None, "evaluated weights"), mesh=mesh,
+                               rules=rules)
+
+
 # --------------------------------------------------------------------------------------------------- in training
 class TrainingEvaluator:
     """What the training loop runs at `train.eval_every_steps` and its final step: the validation loss of the
@@ -233,11 +242,7 @@ class TrainingEvaluator:
         self.config, self.workdir = self.loss.config, workdir
         adapters = lora.LoRAConfig.from_config(config.get("lora"))
         self._merge = jax.jit(lambda base, a: lora.merge(base, a, adapters))
-        self.sampler = None
-        if self.config.sample_grid:
-            from hyvideo_jax.sample import Sampler
-            dit = dataclasses.replace(DiTConfig.from_config(config.model), remat_policy="none")
-            self.sampler = Sampler.from_config(config, dit=(dit, None, "the training state"), mesh=mesh, rules=rules)
+        self.sampler = grid_sampler(config, mesh, rules) if self.config.sample_grid else None
 
     def weights(self, state):
         params = state.ema_params if self.config.use_ema and state.ema_params is not None else state.params
@@ -299,15 +304,10 @@ def evaluate_workdir(config, workdir: str, *, step: int | None = None, follow: b
     from hyvideo_jax.convert.dit_sources import load_dit
     from hyvideo_jax.convert.flax_io import checkpoint_steps
     from hyvideo_jax.parallel.mesh import create_mesh
-    from hyvideo_jax.sample import Sampler
-
     mesh = create_mesh(config.mesh) if mesh is None else mesh
     loss = LossEvaluator(config, mesh, progress=progress)
     ec = loss.config
-    sampler = None
-    if samples and ec.prompts:
-        dit = dataclasses.replace(DiTConfig.from_config(config.model), remat_policy="none")
-        sampler = Sampler.from_config(config, dit=(dit, None, ""), mesh=mesh)
+    sampler = grid_sampler(config, mesh) if samples and ec.prompts else None
     out = epath.Path(workdir) / EVAL_DIR
     writer = _writer(str(out))
     results = {}

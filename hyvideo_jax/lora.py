@@ -134,10 +134,7 @@ def init_adapters(params, config: LoRAConfig, rng, dtype=jnp.float32):
             lead_axes, in_axes, out_axes = _split(axes, name, stacked)
             a = nn.LogicallyPartitioned(a, (*lead_axes, *in_axes, None))   # logical names, as the kernel's
             b = nn.LogicallyPartitioned(b, (*lead_axes, None, *out_axes))
-        node = adapters
-        for part in name.split("/"):
-            node = node.setdefault(part, {})
-        node.update(a=a, b=b)
+        put_adapter(adapters, name, a, b)
     return adapters
 
 
@@ -191,11 +188,16 @@ def start_from(adapters, loaded, loaded_config: "LoRAConfig", config: LoRAConfig
             a = jnp.where(jnp.expand_dims(used, tuple(range(lead, lead + len(in_axes)))), la, a).astype(a.dtype)
             b = jnp.where(jnp.expand_dims(used, tuple(range(used.ndim, used.ndim + len(out_axes)))), lb, b
                           ).astype(b.dtype)
-        node = result
-        for part in name.split("/"):
-            node = node.setdefault(part, {})
-        node.update(a=a, b=b)
+        put_adapter(result, name, a, b)
     return result
+
+
+def put_adapter(tree: dict, name: str, a, b):
+    """Set {"a", "b"} at the "/"-joined path `name` of a nested adapter tree (the inverse of `flat_adapters`)."""
+    node = tree
+    for part in name.split("/"):
+        node = node.setdefault(part, {})
+    node.update(a=a, b=b)
 
 
 def flat_adapters(tree, prefix: str = "") -> dict:

@@ -118,6 +118,16 @@ def test_up_dry_run_queued_spot_v6e_multislice(fake):
     assert calls() == []
 
 
+def run_in_order(env, calls, steps):
+    """Run each (arguments, expected gcloud calls) step; after each, the fake has recorded exactly the calls so far."""
+    expected = []
+    for args, commands in steps:
+        result = launch(env, *args)
+        assert result.returncode == 0, (args, result.stderr)
+        expected += commands
+        assert calls() == expected, args
+
+
 def test_subcommands_call_gcloud(fake):
     env, calls = fake
     steps = [
@@ -137,12 +147,7 @@ def test_subcommands_call_gcloud(fake):
         (["stop", "my-tpu", *WHERE], [ssh("my-tpu", STOP)]),
         (["delete", "my-tpu", *WHERE], [["compute", "tpus", "tpu-vm", "delete", "my-tpu", *WHERE, "--quiet"]]),
     ]
-    expected = []
-    for args, commands in steps:
-        result = launch(env, *args)
-        assert result.returncode == 0, (args, result.stderr)
-        expected += commands
-        assert calls() == expected, args
+    run_in_order(env, calls, steps)
 
 
 def test_multislice_queued_resource(fake):
@@ -163,12 +168,7 @@ def test_multislice_queued_resource(fake):
         (["delete", "big", *WHERE, "--queued", "--slices=2"],
          [["compute", "tpus", "queued-resources", "delete", "big", *WHERE, "--force", "--quiet"]]),
     ]
-    expected = []
-    for args, commands in steps:
-        result = launch(env, *args)
-        assert result.returncode == 0, (args, result.stderr)
-        expected += commands
-        assert calls() == expected, args
+    run_in_order(env, calls, steps)
 
 
 def test_install_from_local_checkout(fake, tmp_path):

@@ -17,6 +17,11 @@ from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
 from hyvideo_jax.parallel.sharding import abstract_params, param_shardings, param_targets
 
 
+def inference_config(config) -> DiTConfig:
+    """`config.model` as the transformer runs for inference: no remat (nothing is recomputed without a backward)."""
+    return dataclasses.replace(DiTConfig.from_config(config.model), remat_policy="none")
+
+
 def load_dit(config, *, workdir=None, step: int | None = None, checkpoint=None, torch_weights=None,
              use_ema: bool = True, require_ema: bool = False, mesh, rules=LOGICAL_AXIS_RULES):
     """(DiTConfig, params placed on `mesh` by the rules table, description) from exactly one source: a training
@@ -28,7 +33,7 @@ def load_dit(config, *, workdir=None, step: int | None = None, checkpoint=None, 
     if len(given) != 1:
         raise ValueError(f"give exactly one of workdir, checkpoint, torch_weights; got {sorted(given) or 'none'}")
     from hyvideo_jax.convert.dit import load_dit_sharded
-    run = dataclasses.replace(DiTConfig.from_config(config.model), remat_policy="none")   # nothing to recompute
+    run = inference_config(config)
     if workdir:
         from hyvideo_jax.convert.flax_io import training_params
         adapters = LoRAConfig.from_config(config.get("lora"))

@@ -34,7 +34,7 @@ from etils import epath
 from hyvideo_jax.convert.dit import _get, _Group, conversion_groups, param_shapes
 from hyvideo_jax.convert.dit_layouts import official_to_diffusers
 from hyvideo_jax.convert.torch_io import TensorSource, to_numpy
-from hyvideo_jax.lora import LoRAConfig, flat_adapters, input_dims, is_stacked
+from hyvideo_jax.lora import LoRAConfig, flat_adapters, input_dims, is_stacked, put_adapter
 from hyvideo_jax.models.dit import DiTConfig
 from hyvideo_jax.paths import local_copy, writable_file
 
@@ -253,10 +253,7 @@ def load_lora(path_or_state_dict, config: DiTConfig | Mapping, *, adapter_config
             a, b = pad(*entry[None])
         else:
             a, b = (np.stack(x) for x in zip(*(pad(*entry[i]) if i in entry else zero for i in range(k.layers))))
-        node = adapters
-        for part in name.split("/"):
-            node = node.setdefault(part, {})
-        node.update(a=a, b=b)
+        put_adapter(adapters, name, a, b)
     rank = max(np.shape(ad["a"])[-1] for ad in flat_adapters(adapters).values())
     targets = tuple(f"^{re.escape(name)}$" for name in sorted(per_kernel))
     return adapters, LoRAConfig(rank=rank, alpha=float(rank), targets=targets)
