@@ -159,3 +159,36 @@ def test_vae_sharded_over_batch_and_rows_equals_single_device():
         recon, hlo = compiled(params, video)[0], compiled.as_text()
     np.testing.assert_allclose(np.asarray(recon), np.asarray(ref), atol=1e-4 * float(jnp.abs(ref).max()))
     assert "collective-permute" in hlo or "all-to-all" in hlo or "all-gather" in hlo  # rows really are split
+
+
+def test_single_stream_block_needs_only_the_collectives_of_sequence_parallelism():
+    """A single-stream block under a sequence axis of 4 (Ulysses) compiles to exactly what sequence parallelism
+    needs: per attention 3 all-to-alls in (q, k, v) and 1 back, and 1 all-gather of the text rows' heads; no
+    reshard of q, k, v or of the joint sequence (no collective-permute). Counted as the difference between a
+    model with two single blocks and one with none: the scanned blocks' body appears once in the program (a scan of
+    one is unrolled, and the last block's unused text rows would be pruned)."""
+    import collections
+    import re
+    ops = ("all-to-all", "all-gather", "collective-permute", "reduce-scatter")
+    mesh = create_mesh(MeshConfig(ici=(2, 1, 4, 1)))
+
+    def count(depth_single, grad):
+        cfg = tiny_config(depth_double=0, depth_single=depth_single, depth_refiner=1, remat_policy="full")
+        inputs = example_inputs(cfg, t=2, h=8, w=8)
+        model = HunyuanVideoDiT(cfg)
+        shardings = param_shardings(abstract_params(model, *inputs), mesh)
+        params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                        nn.unbox(abstract_params(model, *inputs)), shardings)
+        loss = lambda p, *a: jnp.mean(model.apply({"params": p}, *a) ** 2)  # noqa: E731
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            hlo = jax.jit(jax.grad(loss) if grad else loss).lower(params, *inputs).compile().as_text()
+        return collections.Counter({op: len(re.findall(rf" {op}(-start)?\(", hlo)) for op in ops})
+
+    added = {grad: count(2, grad) - count(0, grad) for grad in (False, True)}
+    print(f"collectives of one single-stream block: forward {dict(added[False])}, "
+          f"forward+backward (full remat) {dict(added[True])}")
+    assert added[False] == collections.Counter({"all-to-all": 4, "all-gather": 1})
+    # forward, its recompute and the backward's transposes: 3 × 4 all-to-alls; the text rows' gather is
+    # recomputed and transposes to a reduce-scatter. Still no permute of q, k, v.
+    assert added[True]["all-to-all"] == 12 and added[True]["collective-permute"] == 0
+    assert added[True]["all-gather"] == 2 and added[True]["reduce-scatter"] == 1

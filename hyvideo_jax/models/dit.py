@@ -22,7 +22,7 @@ from hyvideo_jax.models.layers import (MLP, REMAT_POLICIES, LayerNorm, Modulatio
                                        dtypes as _dtypes, modulate, scan_blocks)
 from hyvideo_jax.models.rope import apply_rope, rope_tables
 from hyvideo_jax.models.splash_attention import SplashBlocks
-from hyvideo_jax.parallel.sequence import METHODS as SEQUENCE_PARALLEL_METHODS, joint_attention
+from hyvideo_jax.parallel.sequence import METHODS as SEQUENCE_PARALLEL_METHODS, joint_attention_split
 
 PADDING_SEGMENT = 2  # segment id of padded text tokens; image and valid text tokens are segment 1
 
@@ -147,18 +147,26 @@ def example_inputs(cfg: DiTConfig, batch: int = 1, text_len: int = 1, image_toke
             jnp.zeros((batch, cfg.pooled_text_dim)), jnp.zeros((batch,)) if cfg.guidance_embed else None)
 
 
-def _qkv(x, cfg: DiTConfig, name: str, seq: str = "seq"):
-    """Fused q|k|v projection [B, L, D] → three [B, L, H, Dh] (kernel [D, 3, H, Dh])."""
-    qkv = dense((3, cfg.num_heads, cfg.head_dim), ("embed", None, "heads", "kv"), name=name,
-                use_bias=cfg.qkv_bias, **_dtypes(cfg))(x)
-    qkv = nn.with_logical_constraint(qkv, ("batch", seq, None, "act_heads", "act_kv"))
+def _qkv_layer(cfg: DiTConfig, name: str):
+    """Fused q|k|v projection (kernel [D, 3, H, Dh]); apply it with `_split_qkv`."""
+    return dense((3, cfg.num_heads, cfg.head_dim), ("embed", None, "heads", "kv"), name=name, use_bias=cfg.qkv_bias,
+                 **_dtypes(cfg))
+
+
+def _split_qkv(layer, x, seq: str = "seq"):
+    """[B, L, D] through a `_qkv_layer` → three [B, L, H, Dh]."""
+    qkv = nn.with_logical_constraint(layer(x), ("batch", seq, None, "act_heads", "act_kv"))
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
-def _out_proj(x, cfg: DiTConfig, name: str, use_bias: bool = True):
+def _qkv(x, cfg: DiTConfig, name: str, seq: str = "seq"):
+    """Fused q|k|v projection [B, L, D] → three [B, L, H, Dh]."""
+    return _split_qkv(_qkv_layer(cfg, name), x, seq)
+
+
+def _out_proj(cfg: DiTConfig, name: str):
     """Attention output projection [B, L, H, Dh] → [B, L, D] (kernel [H, Dh, D])."""
-    return dense(cfg.hidden_size, ("heads", "kv", "embed"), name=name, axis=(-2, -1), use_bias=use_bias,
-                 **_dtypes(cfg))(x)
+    return dense(cfg.hidden_size, ("heads", "kv", "embed"), name=name, axis=(-2, -1), **_dtypes(cfg))
 
 
 def _residual(x, seq: str = "seq"):
@@ -177,10 +185,10 @@ class TokenRefinerBlock(nn.Module):
         h = LayerNorm(affine=True, name="norm1", param_dtype=dt["param_dtype"])(x)
         q, k, v = _qkv(h, cfg, "self_attn_qkv", seq="text_seq")
         a = attention(q, k, v, segment_ids, segment_ids, backend=cfg.attention_backend, splash=cfg.splash_blocks)
-        x = x + gate_msa[:, None] * _out_proj(a, cfg, "self_attn_proj")
+        x = x + gate_msa[:, None] * _out_proj(cfg, "self_attn_proj")(a)
         h = LayerNorm(affine=True, name="norm2", param_dtype=dt["param_dtype"])(x)
         mlp_dim = int(cfg.hidden_size * cfg.refiner_mlp_ratio)
-        x = x + gate_mlp[:, None] * MLP(mlp_dim, activation=nn.silu, name="mlp", **dt)(h)
+        x = x + gate_mlp[:, None] * MLP(mlp_dim, activation=nn.silu, seq="text_seq", name="mlp", **dt)(h)
         return _residual(x, "text_seq"), None
 
 
@@ -209,10 +217,9 @@ class DoubleStreamBlock(nn.Module):
     cfg: DiTConfig
 
     @nn.compact
-    def __call__(self, carry, vec, cos, sin, segment_ids):
+    def __call__(self, carry, vec, cos, sin, text_segment_ids):
         cfg, dt = self.cfg, _dtypes(self.cfg)
         img, txt = carry
-        n_img = img.shape[1]
         img_mod = Modulation(6, name="img_mod", **dt)(vec)
         txt_mod = Modulation(6, name="txt_mod", **dt)(vec)
 
@@ -225,24 +232,27 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = stream_qkv(img, img_mod, "img", "seq")
         img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
         txt_q, txt_k, txt_v = stream_qkv(txt, txt_mod, "txt", "text_seq")
-        q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v)))
-        a = joint_attention(q, k, v, segment_ids, n_img, backend=cfg.attention_backend, method=cfg.sequence_parallel,
-                            splash=cfg.splash_blocks)
+        img_a, txt_a = joint_attention_split(img_q, txt_q, img_k, txt_k, img_v, txt_v, text_segment_ids,
+                                             backend=cfg.attention_backend, method=cfg.sequence_parallel,
+                                             splash=cfg.splash_blocks)
 
         def stream_out(x, a, mod, prefix, seq):
-            x = x + mod[2][:, None] * _out_proj(a, cfg, f"{prefix}_attn_proj")
+            x = x + mod[2][:, None] * _out_proj(cfg, f"{prefix}_attn_proj")(a)
             h = modulate(LayerNorm()(x), mod[3], mod[4])
-            x = x + mod[5][:, None] * MLP(cfg.mlp_dim, name=f"{prefix}_mlp", **dt)(h)
+            x = x + mod[5][:, None] * MLP(cfg.mlp_dim, seq=seq, name=f"{prefix}_mlp", **dt)(h)
             return _residual(x, seq)
 
-        img = stream_out(img, a[:, :n_img], img_mod, "img", "seq")
-        txt = stream_out(txt, a[:, n_img:], txt_mod, "txt", "text_seq")
+        img = stream_out(img, img_a, img_mod, "img", "seq")
+        txt = stream_out(txt, txt_a, txt_mod, "txt", "text_seq")
         return (img, txt), None
 
 
 class SingleStreamBlock(nn.Module):
     """Parallel attention + MLP over the joint [image, text] sequence (reference §1.8).
 
+    Image and text tokens stay two arrays (the carry), as in the double blocks: the weights are shared and every
+    op but attention is per token, so this is the joint sequence of the references without concatenating it, and
+    under sequence parallelism the image tokens stay split over 'seq' and the text replicated, with no reshard.
     The original fused `linear1` (q|k|v|mlp-in) and `linear2` ([attn, mlp] → D) are kept as separate kernels
     (`linear1_qkv`, `linear1_mlp`, `linear2_attn` with the bias, `linear2_mlp`) so heads and MLP width shard
     independently; the conversion code splits and joins them.
@@ -250,23 +260,31 @@ class SingleStreamBlock(nn.Module):
     cfg: DiTConfig
 
     @nn.compact
-    def __call__(self, x, vec, cos, sin, segment_ids):
+    def __call__(self, carry, vec, cos, sin, text_segment_ids):
         cfg, dt = self.cfg, _dtypes(self.cfg)
-        n_img = cos.shape[0]
         shift, scale, gate = Modulation(3, name="modulation", **dt)(vec)
-        h = modulate(LayerNorm()(x), shift, scale)
-        q, k, v = _qkv(h, cfg, "linear1_qkv")
-        mlp = dense(cfg.mlp_dim, ("embed", "mlp"), name="linear1_mlp", **dt)(h)
-        mlp = nn.with_logical_constraint(nn.gelu(mlp), ("batch", "seq", "act_mlp"))
-        q = RMSNorm(name="q_norm", param_dtype=dt["param_dtype"], axis_name="kv")(q)
-        k = RMSNorm(name="k_norm", param_dtype=dt["param_dtype"], axis_name="kv")(k)
-        q = jnp.concatenate([apply_rope(q[:, :n_img], cos, sin), q[:, n_img:]], axis=1)
-        k = jnp.concatenate([apply_rope(k[:, :n_img], cos, sin), k[:, n_img:]], axis=1)
-        a = joint_attention(q, k, v, segment_ids, n_img, backend=cfg.attention_backend, method=cfg.sequence_parallel,
-                            splash=cfg.splash_blocks)
-        out = (_out_proj(a, cfg, "linear2_attn")
-               + dense(cfg.hidden_size, ("mlp", "embed"), name="linear2_mlp", use_bias=False, **dt)(mlp))
-        return _residual(x + gate[:, None] * out), None
+        qkv_in = _qkv_layer(cfg, "linear1_qkv")
+        mlp_in = dense(cfg.mlp_dim, ("embed", "mlp"), name="linear1_mlp", **dt)
+        q_norm = RMSNorm(name="q_norm", param_dtype=dt["param_dtype"], axis_name="kv")
+        k_norm = RMSNorm(name="k_norm", param_dtype=dt["param_dtype"], axis_name="kv")
+        attn_out = _out_proj(cfg, "linear2_attn")
+        mlp_out = dense(cfg.hidden_size, ("mlp", "embed"), name="linear2_mlp", use_bias=False, **dt)
+
+        def project(x, seq):
+            h = modulate(LayerNorm()(x), shift, scale)
+            q, k, v = _split_qkv(qkv_in, h, seq)
+            mlp = nn.with_logical_constraint(nn.gelu(mlp_in(h)), ("batch", seq, "act_mlp"))
+            return q_norm(q), k_norm(k), v, mlp
+
+        img_q, img_k, img_v, img_mlp = project(carry[0], "seq")
+        txt_q, txt_k, txt_v, txt_mlp = project(carry[1], "text_seq")
+        img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
+        img_a, txt_a = joint_attention_split(img_q, txt_q, img_k, txt_k, img_v, txt_v, text_segment_ids,
+                                             backend=cfg.attention_backend, method=cfg.sequence_parallel,
+                                             splash=cfg.splash_blocks)
+        img = carry[0] + gate[:, None] * (attn_out(img_a) + mlp_out(img_mlp))
+        txt = carry[1] + gate[:, None] * (attn_out(txt_a) + mlp_out(txt_mlp))
+        return (_residual(img), _residual(txt, "text_seq")), None
 
 
 class FinalLayer(nn.Module):
@@ -338,18 +356,16 @@ class HunyuanVideoDiT(nn.Module):
                     **dt)(patches)
         txt = TokenRefiner(cfg, name="txt_in")(text_states, timesteps, text_mask)
 
-        n_img = img.shape[1]
         text_segments = jnp.where(text_mask.astype(bool), 1, PADDING_SEGMENT).astype(jnp.int32)
-        segment_ids = jnp.concatenate([jnp.ones((b, n_img), jnp.int32), text_segments], axis=1)
         remat = cfg.remat_policy
         double = scan_blocks(DoubleStreamBlock, cfg, cfg.depth_double, "double_blocks", n_broadcast=4,
                              remat_policy=remat)
-        (img, txt), _ = double((_residual(img), _residual(txt, "text_seq")), vec, cos, sin, segment_ids)
+        (img, txt), _ = double((_residual(img), _residual(txt, "text_seq")), vec, cos, sin, text_segments)
         single = scan_blocks(SingleStreamBlock, cfg, cfg.depth_single, "single_blocks", n_broadcast=4,
                              remat_policy=remat)
-        x, _ = single(jnp.concatenate([img, txt], axis=1), vec, cos, sin, segment_ids)
+        (img, _), _ = single((img, txt), vec, cos, sin, text_segments)
 
-        out = FinalLayer(cfg, name="final_layer")(x[:, :n_img], vec)
+        out = FinalLayer(cfg, name="final_layer")(img, vec)
         out = einops.rearrange(out, "b (t h w) pt ph pw c -> b (t pt) (h ph) (w pw) c",
                                t=grid[0], h=grid[1], w=grid[2])
         return out.astype(latents.dtype)

@@ -119,9 +119,11 @@ class Modulation(nn.Module):
 
 
 class MLP(nn.Module):
-    """fc1 → activation → fc2, hidden width `mlp_dim`; activations of shape [B, L, ...] are logically constrained."""
+    """fc1 → activation → fc2, hidden width `mlp_dim`; the hidden activation [B, L, mlp_dim] is logically
+    constrained with `seq` as its token axis ('seq' for image tokens, 'text_seq' for text)."""
     mlp_dim: int
     activation: Callable = nn.gelu  # tanh approximation by default, as `gelu_tanh` in the original
+    seq: str = "seq"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -129,7 +131,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         d = x.shape[-1]
         h = dense(self.mlp_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        h = nn.with_logical_constraint(self.activation(h), ("batch", "seq", "act_mlp"))
+        h = nn.with_logical_constraint(self.activation(h), ("batch", self.seq, "act_mlp"))
         return dense(d, ("mlp", "embed"), name="fc2", dtype=self.dtype, param_dtype=self.param_dtype)(h)
 
 

@@ -33,20 +33,39 @@ def _axis_sizes():
 
 
 def joint_attention(q, k, v, segment_ids, n_img: int, *, backend: str = "xla", method: str = "auto", splash=None):
-    """Attention over [image (n_img tokens), text] with segment ids [B, L]; sequence-parallel under a mesh whose
-    axis for the logical 'seq' axis (the rules table) has more than one device. Batch and heads are split over the
-    mesh axes of 'batch' and 'act_heads' when they divide, else a warning says the work is repeated."""
+    """Attention over one joint sequence [image (n_img tokens, segment 1), text] with segment ids [B, L]: the
+    concatenated form of `joint_attention_split`, which see."""
+    split = lambda x: (x[:, :n_img], x[:, n_img:])
+    out_img, out_txt = joint_attention_split(*split(q), *split(k), *split(v), segment_ids[:, n_img:], backend=backend,
+                                             method=method, splash=splash)
+    return jnp.concatenate([out_img, out_txt], axis=1)
+
+
+def joint_attention_split(q_img, q_txt, k_img, k_txt, v_img, v_txt, text_segment_ids, *, backend: str = "xla",
+                          method: str = "auto", splash=None):
+    """Attention over [image tokens, text tokens] given as two arrays each of q, k, v ([B, N, H, D] and
+    [B, Lt, H, D]) → (image output, text output). Image tokens are segment 1; text tokens have
+    `text_segment_ids` [B, Lt] (1 valid, anything else padding).
+
+    Sequence-parallel under a mesh whose axis for the logical 'seq' axis (the rules table) has more than one device:
+    the image arrays arrive split over it and leave split over it, the text arrays replicated, so nothing is
+    resharded around the call. Batch and heads are split over the mesh axes of 'batch' and 'act_heads' when they
+    divide, else a warning says the work is repeated."""
+    b, n_img, h, _ = q_img.shape
+    image_segment_ids = jnp.ones((b, n_img), text_segment_ids.dtype)
     sizes = _axis_sizes()
     seq_axes = mesh_axes_of("seq", sizes)
     if not seq_axes or method == "none":
-        return attention(q, k, v, segment_ids, segment_ids, backend=backend, splash=splash)
+        seg = jnp.concatenate([image_segment_ids, text_segment_ids], axis=1)
+        out = attention(*(jnp.concatenate(pair, axis=1) for pair in ((q_img, q_txt), (k_img, k_txt), (v_img, v_txt))),
+                        seg, seg, backend=backend, splash=splash)
+        return out[:, :n_img], out[:, n_img:]
     if method not in METHODS:
         raise ValueError(f"sequence_parallel must be one of {METHODS}, got {method!r}")
     if len(seq_axes) != 1:
         raise ValueError(f"sequence parallelism runs over one mesh axis; the rules map 'seq' to {seq_axes}")
     axis = seq_axes[0]
     s = sizes[axis]
-    b, _, h, _ = q.shape
     if n_img % s:
         raise ValueError(f"{n_img} image tokens do not split over the sequence axis of size {s}")
     batch = split_or_warn("sequence-parallel attention: a batch", b, mesh_axes_of("batch", sizes), sizes,
@@ -66,10 +85,7 @@ def joint_attention(q, k, v, segment_ids, n_img: int, *, backend: str = "xla", m
         lambda *a: body(*a, axis=axis, n_shards=s, backend=backend, splash=splash),
         in_specs=(img_spec,) * 3 + (txt_spec,) * 3 + (seg_img_spec, seg_txt_spec),
         out_specs=(img_spec, txt_spec), check_vma=False)
-    split = lambda x: (x[:, :n_img], x[:, n_img:])
-    (qi, qt), (ki, kt), (vi, vt), (si, st) = split(q), split(k), split(v), split(segment_ids)
-    out_img, out_txt = fn(qi, ki, vi, qt, kt, vt, si, st)
-    return jnp.concatenate([out_img, out_txt], axis=1)
+    return fn(q_img, k_img, v_img, q_txt, k_txt, v_txt, image_segment_ids, text_segment_ids)
 
 
 def _ulysses(qi, ki, vi, qt, kt, vt, si, st, *, axis, n_shards, backend, splash):
@@ -81,7 +97,8 @@ def _ulysses(qi, ki, vi, qt, kt, vt, si, st, *, axis, n_shards, backend, splash)
     q = jnp.concatenate([to_heads(qi), own(qt)], axis=1)
     k = jnp.concatenate([to_heads(ki), own(kt)], axis=1)
     v = jnp.concatenate([to_heads(vi), own(vt)], axis=1)
-    seg = jnp.concatenate([jax.lax.all_gather(si, axis, axis=1, tiled=True), st], axis=1)
+    # Image tokens are all segment 1 (joint_attention_split), so the gathered image segment ids are ones.
+    seg = jnp.concatenate([jnp.ones((si.shape[0], n), si.dtype), st], axis=1)
     out = attention(q, k, v, seg, seg, backend=backend, splash=splash)
     out_img = jax.lax.all_to_all(out[:, :n], axis, split_axis=1, concat_axis=2, tiled=True)
     out_txt = jax.lax.all_gather(out[:, n:], axis, axis=2, tiled=True)
