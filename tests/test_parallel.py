@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from hyvideo_jax.models.attention import xla_attention
 from hyvideo_jax.models.dit import HunyuanVideoDiT
+from hyvideo_jax.parallel import sequence
 from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
 from hyvideo_jax.parallel.sequence import joint_attention
@@ -76,6 +77,19 @@ def test_fsdp_shrinks_per_device_bytes(reference):
 @pytest.mark.parametrize("method", ["ulysses", "ring"])
 @pytest.mark.parametrize("seq", [2, 4, 8])
 def test_sequence_parallel_attention_matches_unsharded(method, seq):
+    check_sequence_parallel_attention(method, seq)
+
+
+def test_ring_attention_in_many_tiles_matches_unsharded(monkeypatch):
+    """Tiles of 5 queries × 5 keys: per device 16 image + 7 text queries in 5 query blocks (the last one padded),
+    image K/V blocks of 16 keys in 4 tiles, the text's 7 keys in 2."""
+    monkeypatch.setattr(sequence, "RING_BLOCK", 5)
+    check_sequence_parallel_attention("ring", 4)
+
+
+def check_sequence_parallel_attention(method, seq):
+    """Forward (valid rows) and gradients of q, k, v of `joint_attention` over a sequence axis of size seq equal
+    unsharded attention."""
     heads = 8 if method == "ulysses" else 6  # 6 heads do not divide over 4 or 8 devices: the ring still works
     b, n_img, n_txt, d = 2, 64, 7, 16
     keys = jax.random.split(jax.random.PRNGKey(seq), 4)
@@ -93,6 +107,26 @@ def test_sequence_parallel_attention_matches_unsharded(method, seq):
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=2e-5)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=5e-5)
+
+
+def ring_temp_bytes(n_img, seq=8, n_txt=16, heads=2, head_dim=64):
+    """Per-device temporary bytes of ring attention forward+backward over a sequence axis of size seq, compiled
+    only."""
+    x = jax.ShapeDtypeStruct((1, n_img + n_txt, heads, head_dim), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, n_img + n_txt), jnp.int32)
+    loss = lambda q, k, v, s: jnp.sum(joint_attention(q, k, v, s, n_img, method="ring"))
+    with jax.set_mesh(create_mesh(MeshConfig(ici=(8 // seq, 1, seq, 1)))):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, seg).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_ring_attention_memory_grows_linearly():
+    """Ring forward+backward temporaries per device grow at most ~linearly with tokens (blockwise, own VJP);
+    storing every ring step's probability tiles grows them ~4× per doubling (quadratic)."""
+    tokens = (4096, 8192, 16384)
+    temp = [ring_temp_bytes(n) for n in tokens]
+    print("ring temp bytes per device, 8 devices: " + ", ".join(f"{n:,} tokens {t:,}" for n, t in zip(tokens, temp)))
+    assert temp[1] / temp[0] < 2.3 and temp[2] / temp[1] < 2.3
 
 
 def test_ulysses_rejects_indivisible_heads():

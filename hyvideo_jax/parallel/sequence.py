@@ -9,11 +9,14 @@ text is replicated on every device of the axis. Two methods:
   local head count divisible by the axis size S.
 * **Ring**: each device keeps its image-token queries (plus the text queries) and passes image K/V blocks around
   the ring with `ppermute`, folding each block in with an online softmax; the text K/V are local everywhere. Works
-  for any head count.
+  for any head count. Blockwise with its own backward (FlashAttention-2 tiles of `RING_BLOCK` queries × keys,
+  the tile math of `models.chunked_attention`): only q, k, v, the output and the log-sum-exp are kept, and the
+  backward sends the K/V blocks round the ring again with their dK/dV, so memory is linear in tokens.
 
 Outside a mesh, or with a sequence axis of size 1, `joint_attention` is plain attention.
 """
 
+import functools
 import math
 
 import jax
@@ -21,7 +24,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from hyvideo_jax.models.attention import attention
-from hyvideo_jax.models.chunked_attention import online_softmax_finish, online_softmax_init, online_softmax_step
+from hyvideo_jax.models.chunked_attention import (blocked_state, finish_blocks, fold_key_grads, fold_keys, from_blocks,
+                                                  grad_blocks, key_blocks, query_blocks)
 from hyvideo_jax.parallel.sharding import mesh_axes_of, split_or_warn
 
 METHODS = ("auto", "ulysses", "ring", "none")
@@ -105,24 +109,86 @@ def _ulysses(qi, ki, vi, qt, kt, vt, si, st, *, axis, n_shards, backend, splash)
     return out_img, out_txt
 
 
+RING_BLOCK = 512  # query and key tile length of ring attention, clipped to the local lengths
+
+
 def _ring(qi, ki, vi, qt, kt, vt, si, st, *, axis, n_shards, backend, splash):
     """Per device: queries [own image slice, text]; image K/V slices travel the ring, text K/V stay local."""
     del backend, splash  # the ring folds blocks itself with the online softmax
-    q = jnp.concatenate([qi, qt], axis=1)
-    q_seg = jnp.concatenate([si, st], axis=1)
-    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-    visible = lambda ks: (q_seg[:, None, :, None] == ks[:, None, None, :])
-    state = online_softmax_init(q.shape[0], q.shape[1], q.shape[2], q.shape[3])
-    state = online_softmax_step(state, q, kt, vt, visible(st), scale)
-    block = (ki, vi, si)
-    perm = [(j, (j + 1) % n_shards) for j in range(n_shards)]
-    for step in range(n_shards):
-        if step:
-            block = jax.lax.ppermute(block, axis, perm)
-        state = online_softmax_step(state, q, block[0], block[1], visible(block[2]), scale)
-    out, _ = online_softmax_finish(state)
-    out = out.astype(qi.dtype)
+    out = _ring_attention(qi, qt, ki, vi, kt, vt, si, st, axis, n_shards, RING_BLOCK, RING_BLOCK)
     n = qi.shape[1]
     # Every device computed the text rows over the same keys (in another order): average them so that the
     # replicated output is identical everywhere.
     return out[:, :n], jax.lax.pmean(out[:, n:], axis)
+
+
+def _pass_on(tree, axis, n_shards):
+    """Send to the next device of the ring (j → j + 1 mod n_shards)."""
+    return jax.lax.ppermute(tree, axis, [(j, (j + 1) % n_shards) for j in range(n_shards)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _ring_attention(qi, qt, ki, vi, kt, vt, si, st, axis, n_shards, block_q, block_k):
+    """This device's output [b, n + t, h, d] for its queries [qi, qt] against the local text K/V and the image K/V
+    of every device of the ring (text rows not yet averaged over the ring). Blockwise both ways: tiles of at most
+    block_q queries × block_k keys, and only q, k, v, segment ids, the output and the log-sum-exp are kept for
+    the backward, so memory is linear in tokens."""
+    return _ring_forward(qi, qt, ki, vi, kt, vt, si, st, axis, n_shards, block_q, block_k)[0]
+
+
+def _ring_queries(qi, qt, si, st, block_q):
+    """This device's queries [image slice, text] and their blocks (`query_blocks`)."""
+    q = jnp.concatenate([qi, qt], axis=1)
+    return q, query_blocks(q, jnp.concatenate([si, st], axis=1), min(block_q, q.shape[1]))
+
+
+def _ring_forward(qi, qt, ki, vi, kt, vt, si, st, axis, n_shards, block_q, block_k):
+    q, qb = _ring_queries(qi, qt, si, st, block_q)
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+    state = blocked_state(qb)
+    if kt.shape[1]:
+        state = fold_keys(state, qb, key_blocks(kt, vt, st, min(block_k, kt.shape[1])), scale)
+
+    def ring_step(_, carry):  # fold the visiting image block in while it is sent on
+        state, kvb = carry
+        return fold_keys(state, qb, kvb, scale), _pass_on(kvb, axis, n_shards)
+    image = key_blocks(ki, vi, si, min(block_k, ki.shape[1]))
+    state, image = jax.lax.fori_loop(0, n_shards - 1, ring_step, (state, image))
+    out, lse = finish_blocks(fold_keys(state, qb, image, scale), q.dtype)
+    return from_blocks(out, q.shape[1]), lse  # lse stays blocked: [nq, b, h, bq]
+
+
+def _ring_fwd(qi, qt, ki, vi, kt, vt, si, st, axis, n_shards, block_q, block_k):
+    out, lse = _ring_forward(qi, qt, ki, vi, kt, vt, si, st, axis, n_shards, block_q, block_k)
+    return out, (qi, qt, ki, vi, kt, vt, si, st, out, lse)
+
+
+def _ring_bwd(axis, n_shards, block_q, block_k, residuals, d_out):
+    """The image K/V blocks go round the ring again, each with its dK/dV accumulator, which arrives home after
+    n_shards hops; dQ and the text dK/dV accumulate locally. Cotangents are this device's share, as for the
+    forward: shard_map's transpose sums the replicated inputs' (text) over the axis."""
+    qi, qt, ki, vi, kt, vt, si, st, out, lse = residuals
+    q, qb = _ring_queries(qi, qt, si, st, block_q)
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+    gb = grad_blocks(d_out, out, lse, qb[0].shape[2])
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+    dq, dkt, dvt = zeros(qb[0]), jnp.zeros(kt.shape, jnp.float32), jnp.zeros(vt.shape, jnp.float32)
+    if kt.shape[1]:
+        text = key_blocks(kt, vt, st, min(block_k, kt.shape[1]))
+        dq, dkt, dvt = fold_key_grads((dq, zeros(text[0]), zeros(text[1])), qb, gb, text, scale)
+        dkt, dvt = from_blocks(dkt, kt.shape[1]), from_blocks(dvt, kt.shape[1])
+
+    def ring_step(_, carry):  # add this device's part of the visiting block's dK/dV, then send both on
+        dq, kvb, dk, dv = carry
+        dq, dk, dv = fold_key_grads((dq, dk, dv), qb, gb, kvb, scale)
+        return (dq, *_pass_on((kvb, dk, dv), axis, n_shards))
+    image = key_blocks(ki, vi, si, min(block_k, ki.shape[1]))
+    dq, image, dk, dv = jax.lax.fori_loop(0, n_shards - 1, ring_step, (dq, image, zeros(image[0]), zeros(image[1])))
+    dq, dk, dv = fold_key_grads((dq, dk, dv), qb, gb, image, scale)
+    dk, dv = _pass_on((dk, dv), axis, n_shards)  # the last hop home
+    dq, n = from_blocks(dq, q.shape[1]), qi.shape[1]
+    return (dq[:, :n].astype(qi.dtype), dq[:, n:].astype(qt.dtype), from_blocks(dk, n).astype(ki.dtype),
+            from_blocks(dv, n).astype(vi.dtype), dkt.astype(kt.dtype), dvt.astype(vt.dtype), None, None)
+
+
+_ring_attention.defvjp(_ring_fwd, _ring_bwd)
