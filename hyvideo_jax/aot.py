@@ -130,6 +130,54 @@ def compile_report(fn: Callable, args: tuple, *, topology: str, mesh: Mesh, in_s
         compile_seconds=seconds)
 
 
+def _dot_flops(eqn) -> float:
+    (contract, _), _ = eqn.params["dimension_numbers"]   # ((lhs, rhs) contracting, (lhs, rhs) batch)
+    lhs = eqn.invars[0].aval.shape
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+
+
+def traced_program(fn: Callable, args: tuple) -> dict[str, float]:
+    """What the program handed to the compiler computes, from its jaxpr after dead-code elimination (the form in
+    which rematerialization shows: a recomputed block appears again in the backward): `matmul`, the FLOPs of every
+    dot_general outside `shard_map` bodies (global shapes; scanned bodies × their length), and `attention_forward`
+    / `attention_backward`, how many times a splash forward / backward kernel is called (scanned × length)."""
+    from jax._src.interpreters import partial_eval as pe
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+    closed = jax.make_jaxpr(fn)(*args)
+    live, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    totals = collections.Counter()
+
+    def walk(jaxpr, times: float, local: bool):
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "dot_general" and not local:
+                totals["matmul"] += times * _dot_flops(eqn)
+            elif name == "pallas_call":
+                kernel = str(eqn.params.get("name_and_src_info", eqn.params.get("name")))
+                if kernel.startswith("splash_mha_fwd"):
+                    totals["attention_forward"] += times
+                elif kernel.startswith("splash_mha_dkv"):
+                    totals["attention_backward"] += times
+            inner = times * (eqn.params["length"] if name == "scan" else 1)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    if isinstance(sub, (Jaxpr, ClosedJaxpr)):
+                        walk(getattr(sub, "jaxpr", sub), inner, local or name == "shard_map")
+    walk(live, 1.0, False)
+    return {k: float(totals[k]) for k in ("matmul", "attention_forward", "attention_backward")}
+
+
+def recompute_overhead(program: dict[str, float], flops: dict[str, float]) -> dict[str, float]:
+    """The traced program's FLOPs against the model's (fwd+bwd = 3 × forward, nothing recomputed): matmuls as
+    counted, attention as the model's forward attention FLOPs × (forward kernel calls per backward call + 2, the
+    backward kernel's share). Splash backends only (other backends' attention is counted in the matmuls)."""
+    forward_attention = flops["attention"] / 3.0
+    per_backward = program["attention_forward"] / max(program["attention_backward"], 1.0)
+    attention = forward_attention * (per_backward + 2.0) if program["attention_backward"] else 0.0
+    return {"program": program["matmul"] + attention, "matmul_ratio": program["matmul"] / flops["matmul"],
+            "attention_runs": per_backward, "ratio": (program["matmul"] + attention) / flops["total"]}
+
+
 def _aot_config(config, **model):
     """A copy of `config` for shape-only compiles: random data (no records are read, wherever they live) and
     `model` fields overridden."""
@@ -207,6 +255,9 @@ def compile_train_step(config, topology: str, *, frames: int, height: int, width
                             out_shardings=(shardings, replicated), donate_argnums=(0,))
     flops = {"matmul": 3.0 * matmul, "attention": 3.0 * attn, "total": 3.0 * (matmul + attn),
              "image_tokens": float(image_tokens), "batch": float(batch)}
+    with jax.set_mesh(mesh):
+        program = traced_program(ruled_step, (abstract_state, batch_spec, rng))
+    flops.update({f"program_{k}": v for k, v in recompute_overhead(program, flops).items()})
     return report, flops
 
 
@@ -335,6 +386,10 @@ def main(argv):
         print(f"  model FLOPs / step   {flops['total']:.3e} (fwd+bwd: matmuls {flops['matmul']:.3e}, attention "
               f"{flops['attention']:.3e}) for {int(flops['batch'])} × {int(flops['image_tokens'])} image tokens")
         print(f"  step time at MFU     100%: {seconds:.1f} s, 50%: {2 * seconds:.1f} s, 40%: {2.5 * seconds:.1f} s")
+        if flops["program_attention_runs"]:
+            print(f"  program FLOPs / step {flops['program_program']:.3e} = {flops['program_ratio']:.3f} × the model's "
+                  f"(remat '{f.config.model.remat_policy}': matmuls ×{flops['program_matmul_ratio']:.3f}, attention "
+                  f"forward run {flops['program_attention_runs']:.0f}× per backward)")
         return
     videos, steps = int(flops["batch"]), SAMPLE_STEPS
     print(f"  model FLOPs / step   {flops['total']:.3e} (forward: matmuls {flops['matmul']:.3e}, attention "

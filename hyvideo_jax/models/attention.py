@@ -18,8 +18,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from hyvideo_jax.models.chunked_attention import chunked_attention
+from hyvideo_jax.models.layers import ATTENTION_RESIDUALS
 from hyvideo_jax.models.splash_attention import splash_attention
 
 
@@ -67,11 +69,15 @@ BACKENDS: dict[str, Callable] = {
 def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal: bool = False, backend: str = "xla",
               splash=None):
     """Multi-head attention with segment-id masking; see the module docstring for shapes and semantics. `splash`:
-    the splash kernels' block sizes (`SplashBlocks`; default its defaults), used by the "splash" backend."""
+    the splash kernels' block sizes (`SplashBlocks`; default its defaults), used by the "splash" backend.
+
+    What the backward needs from the forward is tagged "attention" for the remat policies (`REMAT_POLICIES`): the
+    output and log-sum-exp of the kernels with their own backward (splash, chunked), the output otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {sorted(BACKENDS)}")
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
     if backend == "splash":
         return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, blocks=splash)
-    return BACKENDS[backend](q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
+    out = BACKENDS[backend](q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
+    return out if backend == "chunked" else checkpoint_name(out, ATTENTION_RESIDUALS)

@@ -20,6 +20,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from hyvideo_jax.models.layers import ATTENTION_RESIDUALS
 
 _Q_PAD, _K_PAD = -2, -1  # segment ids of padding rows / columns: they match nothing
 
@@ -172,8 +175,14 @@ def _chunked(q, k, v, qseg, kseg, causal, block_q, block_k):
     return _forward(q, k, v, qseg, kseg, causal, block_q, block_k)[0]
 
 
+def tag_residuals(out, lse):
+    """Tag what the backward needs from the forward (output, log-sum-exp) for the remat policies that keep it, so
+    that attention is not recomputed under them (`layers.REMAT_POLICIES`)."""
+    return checkpoint_name(out, ATTENTION_RESIDUALS), checkpoint_name(lse, ATTENTION_RESIDUALS)
+
+
 def _chunked_fwd(q, k, v, qseg, kseg, causal, block_q, block_k):
-    out, lse = _forward(q, k, v, qseg, kseg, causal, block_q, block_k)
+    out, lse = tag_residuals(*_forward(q, k, v, qseg, kseg, causal, block_q, block_k))
     return out, (q, k, v, qseg, kseg, out, lse)
 
 

@@ -15,10 +15,11 @@ from typing import Any, Mapping
 import einops
 import flax.linen as nn
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from hyvideo_jax.config_fields import from_fields, to_plain_dict
 from hyvideo_jax.models.attention import BACKENDS, attention
-from hyvideo_jax.models.layers import (MLP, REMAT_POLICIES, LayerNorm, Modulation, RMSNorm, VectorEmbedder, dense,
+from hyvideo_jax.models.layers import (MLP, QKV_RESIDUALS, REMAT_POLICIES, LayerNorm, Modulation, RMSNorm, VectorEmbedder, dense,
                                        dtypes as _dtypes, modulate, scan_blocks)
 from hyvideo_jax.models.rope import apply_rope, rope_tables
 from hyvideo_jax.models.splash_attention import SplashBlocks
@@ -169,6 +170,11 @@ def _out_proj(cfg: DiTConfig, name: str):
     return dense(cfg.hidden_size, ("heads", "kv", "embed"), name=name, axis=(-2, -1), **_dtypes(cfg))
 
 
+def _tag_qkv(*arrays):
+    """Tag the attention inputs (after norms and RoPE) for the remat policies that save them (`QKV_RESIDUALS`)."""
+    return tuple(checkpoint_name(x, QKV_RESIDUALS) for x in arrays)
+
+
 def _residual(x, seq: str = "seq"):
     """The residual stream [B, L, D]; image (and joint) tokens use 'seq', text tokens 'text_seq' (replicated)."""
     return nn.with_logical_constraint(x, ("batch", seq, "act_embed"))
@@ -232,6 +238,7 @@ class DoubleStreamBlock(nn.Module):
         img_q, img_k, img_v = stream_qkv(img, img_mod, "img", "seq")
         img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
         txt_q, txt_k, txt_v = stream_qkv(txt, txt_mod, "txt", "text_seq")
+        img_q, txt_q, img_k, txt_k, img_v, txt_v = _tag_qkv(img_q, txt_q, img_k, txt_k, img_v, txt_v)
         img_a, txt_a = joint_attention_split(img_q, txt_q, img_k, txt_k, img_v, txt_v, text_segment_ids,
                                              backend=cfg.attention_backend, method=cfg.sequence_parallel,
                                              splash=cfg.splash_blocks)
@@ -279,6 +286,7 @@ class SingleStreamBlock(nn.Module):
         img_q, img_k, img_v, img_mlp = project(carry[0], "seq")
         txt_q, txt_k, txt_v, txt_mlp = project(carry[1], "text_seq")
         img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
+        img_q, txt_q, img_k, txt_k, img_v, txt_v = _tag_qkv(img_q, txt_q, img_k, txt_k, img_v, txt_v)
         img_a, txt_a = joint_attention_split(img_q, txt_q, img_k, txt_k, img_v, txt_v, text_segment_ids,
                                              backend=cfg.attention_backend, method=cfg.sequence_parallel,
                                              splash=cfg.splash_blocks)

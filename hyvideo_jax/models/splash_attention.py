@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from hyvideo_jax.models.layers import ATTENTION_RESIDUALS
 from hyvideo_jax.parallel.sharding import mesh_axes_of, split_or_warn
 
 _PAD_SEGMENT = -1
@@ -54,8 +55,9 @@ def _kernel(lq: int, lk: int, heads: int, causal: bool, blocks: "SplashBlocks", 
     sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkc, block_q_dkv=bq, block_kv_dkv=bkv,
                           block_kv_dkv_compute=bkc, block_q_dq=None if fused else bq,
                           block_kv_dq=None if fused else bkv, use_fused_bwd_kernel=fused)
+    # The output and log-sum-exp the backward needs are tagged for the remat policies that save them.
     return sk.make_splash_mha(sm.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+                              residual_checkpoint_name=ATTENTION_RESIDUALS, interpret=interpret)
 
 
 def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False, *,

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from hyvideo_jax.models.attention import attention
 from hyvideo_jax.models.chunked_attention import (blocked_state, finish_blocks, fold_key_grads, fold_keys, from_blocks,
-                                                  grad_blocks, key_blocks, query_blocks)
+                                                  grad_blocks, key_blocks, query_blocks, tag_residuals)
 from hyvideo_jax.parallel.sharding import mesh_axes_of, split_or_warn
 
 METHODS = ("auto", "ulysses", "ring", "none")
@@ -159,7 +159,7 @@ def _ring_forward(qi, qt, ki, vi, kt, vt, si, st, axis, n_shards, block_q, block
 
 
 def _ring_fwd(qi, qt, ki, vi, kt, vt, si, st, axis, n_shards, block_q, block_k):
-    out, lse = _ring_forward(qi, qt, ki, vi, kt, vt, si, st, axis, n_shards, block_q, block_k)
+    out, lse = tag_residuals(*_ring_forward(qi, qt, ki, vi, kt, vt, si, st, axis, n_shards, block_q, block_k))
     return out, (qi, qt, ki, vi, kt, vt, si, st, out, lse)
 
 
