@@ -10,6 +10,23 @@ accelerator type, and the video size the preset was measured at.
 
 import ml_collections
 
+# Splash block sizes (query, key/value, key/value compute; the fused backward uses the same) per TPU generation,
+# for head dim 128. Starting points from published JAX configs, not tuned on hardware here: MaxText's v5p/v6e
+# training configs use 2048 throughout with the fused backward; maxdiffusion's Wan (video DiT) on v6e uses
+# q 2048, kv 2048, kv compute 1024. The AOT compile of each preset checks that the kernels fit the chip's VMEM.
+SPLASH_BLOCKS = {"v5p": (2048, 2048, 2048), "v6e": (2048, 2048, 1024)}
+
+
+def splash_blocks(config, chip: str):
+    """Set `config.model.splash_block_*` to the table's sizes for a TPU generation ('v5p', 'v6e'); others keep the
+    config's own."""
+    if chip in SPLASH_BLOCKS:
+        q, kv, kv_compute = SPLASH_BLOCKS[chip]
+        config.model.splash_block_q, config.model.splash_block_kv = q, kv
+        config.model.splash_block_kv_compute = kv_compute
+        config.model.splash_fused_backward = True
+    return config
+
 
 def slice_preset(config, *, topology: str, accelerator_type: str, ici, dcn=(1, 1, 1, 1), frames: int = 129,
                  height: int = 720, width: int = 1280, measured: str = ""):
@@ -19,6 +36,7 @@ def slice_preset(config, *, topology: str, accelerator_type: str, ici, dcn=(1, 1
     config.model.remat_policy = "full"
     config.model.attention_backend = "splash"
     config.model.sequence_parallel = "ulysses"
+    splash_blocks(config, topology.split(":")[0])
     config.train.initialize_distributed = True
     config.slice = ml_collections.ConfigDict(dict(topology=topology, accelerator_type=accelerator_type,
                                                   frames=frames, height=height, width=width, measured=measured))

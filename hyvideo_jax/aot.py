@@ -57,6 +57,7 @@ class AOTReport:
     peak_flops: float
     collectives: dict[str, int]
     compile_seconds: float
+    kernel_relayouts: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -77,6 +78,7 @@ class AOTReport:
             f"  XLA cost analysis    {self.xla_flops:.3e} FLOPs per chip (a scanned block counted once; Pallas "
             "kernels not counted)",
             "  collectives          " + (", ".join(f"{k} ×{v}" for k, v in self.collectives.items()) or "none"),
+            f"  kernel relayouts     {self.kernel_relayouts} (standalone transposes / copies feeding Pallas kernels)",
         ]
         return "\n".join(rows)
 
@@ -108,6 +110,23 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
+def kernel_relayouts(hlo_text: str) -> int:
+    """How many operands of the Pallas (Mosaic) kernels in an optimized TPU HLO are a standalone transpose or copy,
+    i.e. a relayout in memory of its own: 0 when XLA fuses the [B, L, H, D] ↔ [B, H, L, D] transposes around the
+    attention kernels into the fusions that produce their inputs (norm, RoPE, padding)."""
+    opcode = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = .*?\s([\w\-]+)\(", line)
+        if m:
+            opcode[m.group(1)] = m.group(2)
+    count = 0
+    for line in hlo_text.splitlines():
+        if 'custom_call_target="tpu_custom_call"' in line:
+            operands = re.search(r"custom-call\(([^)]*)\)", line).group(1)
+            count += sum(opcode.get(name) in ("transpose", "copy") for name in re.findall(r"%([\w.\-]+)", operands))
+    return count
+
+
 def compile_report(fn: Callable, args: tuple, *, topology: str, mesh: Mesh, in_shardings, out_shardings,
                    donate_argnums=()) -> AOTReport:
     """Lower and compile `fn(*args)` (args are ShapeDtypeStructs) for the mesh's devices; report what it needs."""
@@ -119,6 +138,7 @@ def compile_report(fn: Callable, args: tuple, *, topology: str, mesh: Mesh, in_s
         compiled = lowered.compile()
     seconds = time.perf_counter() - t0
     memory = compiled.memory_analysis()
+    hlo = compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     hbm, peak = CHIPS[kind]
@@ -126,8 +146,8 @@ def compile_report(fn: Callable, args: tuple, *, topology: str, mesh: Mesh, in_s
         topology=topology, mesh_shape=dict(mesh.shape), argument_bytes=memory.argument_size_in_bytes,
         output_bytes=memory.output_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
         alias_bytes=memory.alias_size_in_bytes, hbm_bytes=hbm, xla_flops=float(cost.get("flops", 0.0)),
-        peak_flops=peak, collectives=count_collectives(compiled.as_text()),
-        compile_seconds=seconds)
+        peak_flops=peak, collectives=count_collectives(hlo), compile_seconds=seconds,
+        kernel_relayouts=kernel_relayouts(hlo))
 
 
 def _dot_flops(eqn) -> float:

@@ -28,6 +28,12 @@ def test_small_train_step_compiles_for_a_4_chip_v5p_with_splash():
     cfg = DiTConfig.from_config(config.model)
     matmul, attention = dit_forward_flops(cfg, 2 * 4 * 4, config.data.text_len, batch=2)
     assert flops["total"] == pytest.approx(3 * (matmul + attention))
+    # The traced program: no remat here, so the splash forward runs once per backward and the matmuls are the
+    # model's 3× forward (plus the per-sample modulation vectors the count from the config leaves out).
+    assert flops["program_attention_runs"] == 1
+    assert 1.0 <= flops["program_matmul_ratio"] < 1.05
+    # The [B, L, H, D] ↔ [B, H, L, D] transposes around the kernels are fused into their neighbours.
+    assert report.kernel_relayouts == 0
 
 
 def test_lora_train_step_holds_less_than_full_fine_tuning():
@@ -51,6 +57,7 @@ def test_small_sample_step_compiles_for_a_4_chip_v5p_with_splash(true_cfg):
     assert report.alias_bytes > 0                                  # the donated latents are updated in place
     assert report.collectives.get("all-to-all", 0) > 0               # Ulysses sequence parallelism
     assert report.collectives.get("all-gather", 0) > 0               # FSDP parameter gathers
+    assert report.kernel_relayouts == 0
     # One row per FSDP group: 2 videos, or 1 video with its negative prompt under true CFG.
     assert (flops["batch"], flops["rows"]) == ((1, 2) if true_cfg else (2, 2))
     matmul, attention = dit_forward_flops(DiTConfig.from_config(config.model), 2 * 4 * 4, config.data.text_len, 2)
