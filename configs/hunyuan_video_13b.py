@@ -31,6 +31,12 @@ def get_config():
         remat_policy="dots_no_batch",
         attention_backend="splash",   # TPU; "cudnn" on GPU, "chunked" on CPU
         sequence_parallel="auto",
+        # Splash kernels: query / key-value / key-value compute blocks (configs/slices.py has per-chip sizes). The
+        # fused backward keeps a [L / kv block, heads, L, head dim] partial dq per device, quadratic in tokens.
+        splash_block_q=512,
+        splash_block_kv=512,
+        splash_block_kv_compute=512,
+        splash_fused_backward=False,
     ))
     # Text encoders (reference section 3): folders in transformers layout with their tokenizers, downloaded by the user.
     config.text = ml_collections.ConfigDict(dict(

@@ -24,7 +24,6 @@ def splash_blocks(config, chip: str):
         q, kv, kv_compute = SPLASH_BLOCKS[chip]
         config.model.splash_block_q, config.model.splash_block_kv = q, kv
         config.model.splash_block_kv_compute = kv_compute
-        config.model.splash_fused_backward = True
     return config
 
 

@@ -53,11 +53,13 @@ class DiTConfig:
     remat_policy: str = "none"
     attention_backend: str = "xla"
     sequence_parallel: str = "auto"  # over the mesh axis 'sequence': ulysses | ring | auto (ulysses if heads allow)
-    # The splash kernels' block sizes (attention_backend "splash"), in tokens, and its fused backward (SplashBlocks).
+    # The splash kernels' block sizes (attention_backend "splash"), in tokens, and its fused backward (SplashBlocks):
+    # one kernel for dq, dk, dv, which keeps a partial dq per key block ([L / kv block, heads, L, head dim] per
+    # device, quadratic in tokens: 10-40 GB at 720p), so off by default; the separate dq kernel needs none.
     splash_block_q: int = 512
     splash_block_kv: int = 512
     splash_block_kv_compute: int = 512
-    splash_fused_backward: bool = True
+    splash_fused_backward: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "rope_axes_dim", tuple(int(d) for d in self.rope_axes_dim))

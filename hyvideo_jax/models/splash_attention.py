@@ -24,11 +24,12 @@ _TILE = 128   # the kernel's lane width: sequence lengths are padded to a multip
 class SplashBlocks:
     """Block sizes of the splash kernels, in tokens (multiples of 128, capped at the padded sequence length): query
     blocks `q`, key/value blocks `kv`, and the key slice `kv_compute` each inner step takes (dividing `kv`); the
-    backward uses the same. `fused_backward`: one kernel computes dq, dk and dv together (no separate dq pass)."""
+    backward uses the same. `fused_backward`: one kernel computes dq, dk and dv together (no separate dq pass), at
+    the cost of a partial dq per key block ([L / kv, heads, L, head dim], quadratic in the sequence length)."""
     q: int = 512
     kv: int = 512
     kv_compute: int = 512
-    fused_backward: bool = True
+    fused_backward: bool = False
 
     def __post_init__(self):
         for name in ("q", "kv", "kv_compute"):
