@@ -407,7 +407,8 @@ def main(argv):
               f"{flops['attention']:.3e}) for {int(flops['batch'])} × {int(flops['image_tokens'])} image tokens")
         print(f"  step time at MFU     100%: {seconds:.1f} s, 50%: {2 * seconds:.1f} s, 40%: {2.5 * seconds:.1f} s")
         if flops["program_attention_runs"]:
-            print(f"  program FLOPs / step {flops['program_program']:.3e} = {flops['program_ratio']:.3f} × the model's "
+            print(f"  program FLOPs / step {flops['program_program']:.3e} = {flops['program_ratio']:.3f} × the "
+                  "model's "
                   f"(remat '{f.config.model.remat_policy}': matmuls ×{flops['program_matmul_ratio']:.3f}, attention "
                   f"forward run {flops['program_attention_runs']:.0f}× per backward)")
         return

@@ -19,8 +19,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from hyvideo_jax.config_fields import from_fields, to_plain_dict
 from hyvideo_jax.models.attention import BACKENDS, attention
-from hyvideo_jax.models.layers import (MLP, QKV_RESIDUALS, REMAT_POLICIES, LayerNorm, Modulation, RMSNorm, VectorEmbedder, dense,
-                                       dtypes as _dtypes, modulate, scan_blocks)
+from hyvideo_jax.models.layers import (MLP, QKV_RESIDUALS, REMAT_POLICIES, LayerNorm, Modulation, RMSNorm,
+                                       VectorEmbedder, dense, dtypes as _dtypes, modulate, scan_blocks)
 from hyvideo_jax.models.rope import apply_rope, rope_tables
 from hyvideo_jax.models.splash_attention import SplashBlocks
 from hyvideo_jax.parallel.sequence import METHODS as SEQUENCE_PARALLEL_METHODS, joint_attention_split
