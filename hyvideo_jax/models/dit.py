@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import einops
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
@@ -346,7 +347,11 @@ class HunyuanVideoDiT(nn.Module):
             fail(f"guidance must have shape [B]=({b},), got {guidance.shape}")
 
     @nn.compact
-    def __call__(self, latents, timesteps, text_states, text_mask, pooled_text, guidance=None):
+    def __call__(self, latents, timesteps, text_states, text_mask, pooled_text, guidance=None, *, blocks=None):
+        """The prediction [B, T, H, W, C_out]. `blocks`, if given, replaces the two block stacks (for cached
+        sampling): `blocks(img, txt, vec, cos, sin, text_segments) -> (img, aux)` maps the embedded streams to the
+        image tokens the final layer reads (use `run_layers` on this model's stacked parameters for any range of
+        blocks); the call then returns (prediction, aux)."""
         cfg, dt = self.config, _dtypes(self.config)
         timesteps = jnp.asarray(timesteps)
         guidance = None if guidance is None else jnp.asarray(guidance)
@@ -368,14 +373,38 @@ class HunyuanVideoDiT(nn.Module):
 
         text_segments = jnp.where(text_mask.astype(bool), 1, PADDING_SEGMENT).astype(jnp.int32)
         remat = cfg.remat_policy
-        double = scan_blocks(DoubleStreamBlock, cfg, cfg.depth_double, "double_blocks", n_broadcast=4,
-                             remat_policy=remat)
-        (img, txt), _ = double((_residual(img), _residual(txt, "text_seq")), vec, cos, sin, text_segments)
-        single = scan_blocks(SingleStreamBlock, cfg, cfg.depth_single, "single_blocks", n_broadcast=4,
-                             remat_policy=remat)
-        (img, _), _ = single((img, txt), vec, cos, sin, text_segments)
+        aux = None
+        if blocks is None:
+            double = scan_blocks(DoubleStreamBlock, cfg, cfg.depth_double, "double_blocks", n_broadcast=4,
+                                 remat_policy=remat)
+            (img, txt), _ = double((_residual(img), _residual(txt, "text_seq")), vec, cos, sin, text_segments)
+            single = scan_blocks(SingleStreamBlock, cfg, cfg.depth_single, "single_blocks", n_broadcast=4,
+                                 remat_policy=remat)
+            (img, _), _ = single((img, txt), vec, cos, sin, text_segments)
+        else:   # the stacks' parameters are read by `blocks` (through `run_layers`), not by modules here
+            img, aux = blocks(_residual(img), _residual(txt, "text_seq"), vec, cos, sin, text_segments)
 
         out = FinalLayer(cfg, name="final_layer")(img, vec)
         out = einops.rearrange(out, "b (t h w) pt ph pw c -> b (t pt) (h ph) (w pw) c",
                                t=grid[0], h=grid[1], w=grid[2])
-        return out.astype(latents.dtype)
+        out = out.astype(latents.dtype)
+        return out if blocks is None else (out, aux)
+
+
+STACKS = {"double_blocks": DoubleStreamBlock, "single_blocks": SingleStreamBlock}
+
+
+def run_layers(cfg: DiTConfig, params, stack: str, start: int, stop: int, img, txt, vec, cos, sin, text_segments):
+    """Layers [start, stop) of one block stack ("double_blocks" or "single_blocks") on the streams (img [B, N, D],
+    txt [B, L, D]) → (img, txt): the stack's parameters `params[stack]` (stacked on a leading layer axis) sliced and
+    scanned, the same arithmetic as the full call (no remat: for inference)."""
+    if not 0 <= start <= stop <= len(jax.tree.leaves(params[stack])[0]):
+        raise ValueError(f"layers [{start}, {stop}) out of range for {stack}")
+    if start == stop:
+        return img, txt
+    block = STACKS[stack](cfg)
+    layers = jax.tree.map(lambda x: x[start:stop], params[stack])
+
+    def body(carry, layer_params):
+        return block.apply({"params": layer_params}, carry, vec, cos, sin, text_segments)[0], None
+    return jax.lax.scan(body, (img, txt), layers)[0]
