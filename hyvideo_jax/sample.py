@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from hyvideo_jax import flow
+from hyvideo_jax import flow, sample_cache
 from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.convert.dit_sources import load_dit, with_lora
 from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT
@@ -71,6 +71,14 @@ class SampleConfig:
     fps: float = 24.0
     use_ema: bool = True
     progress: bool = True
+    # Cached sampling (hyvideo_jax.sample_cache): none | first_block | mag, its threshold, MagCache's K, retention
+    # and per-step ratios (given, or read from mag_ratios_file, written by --calibrate_mag).
+    cache: str = "none"
+    cache_threshold: float = 0.1
+    mag_max_skip_steps: int = 3
+    mag_retention: float = 0.2
+    mag_ratios: tuple[float, ...] = ()
+    mag_ratios_file: str = ""
 
     def __post_init__(self):
         self.validate()
@@ -91,6 +99,8 @@ class SampleConfig:
             fail("true_cfg_scale", f"must be >= 1 (1: no true CFG), got {self.true_cfg_scale}")
         if self.batch_size < 0:
             fail("batch_size", f"must be >= 0 (0: all videos of a call in one batch), got {self.batch_size}")
+        from hyvideo_jax.sample_cache import from_sample_config
+        from_sample_config(self)
 
     @classmethod
     def from_config(cls, config: "SampleConfig | Mapping[str, Any]") -> "SampleConfig":
@@ -283,6 +293,8 @@ class SampleResult(NamedTuple):
     prompts: list[str]
     seeds: list[int]
     seconds: dict[str, float]
+    computed: np.ndarray | None = None   # cached sampling: bool [batches, branches, steps], steps computed
+    mag_ratios: np.ndarray | None = None  # calibrate_mag: fp32 [branches, steps] of the first batch
 
 
 def video_frames(decoded):
@@ -352,7 +364,7 @@ class Sampler:
                                    for i in range(latents.shape[0])])
 
     def generate(self, prompts: str | Sequence[str], *, negative_prompt: str | None = None,
-                 seeds: Sequence[int] | None = None, **overrides) -> SampleResult:
+                 seeds: Sequence[int] | None = None, calibrate_mag: bool = False, **overrides) -> SampleResult:
         """Videos for `prompts` (`config.videos_per_prompt` each); `overrides` replace `SampleConfig` fields for
         this call (e.g. steps=30). `negative_prompt` (default `config.negative_prompt`) is used when
         `true_cfg_scale` > 1. `seeds`: one per video (default `config.seed` + n)."""
@@ -383,14 +395,29 @@ class Sampler:
         seconds["text"] = time.perf_counter() - start
         guidance = sc.guidance if self.dit_config.guidance_embed else None
         batch = sc.batch_size or n
-        latents, start = [], time.perf_counter()
+        cache = sample_cache.from_sample_config(sc)
+        if calibrate_mag:
+            cache = dataclasses.replace(cache, kind="mag")
+        elif cache.kind == "mag" and not cache.mag_ratios and sc.mag_ratios_file:
+            cache = dataclasses.replace(cache, mag_ratios=sample_cache.read_mag_ratios(
+                sc.mag_ratios_file, height=sc.height, width=sc.width, frames=sc.frames, steps=sc.steps))
+        latents, computed, ratios, start = [], [], None, time.perf_counter()
         for first in range(0, n, batch):
             rows = list(range(first, min(first + batch, n)))
             rows += [rows[-1]] * (batch - len(rows))   # the last batch padded: one program for every batch
             noise = self.noise([seeds[r] for r in rows], latent)
-            out = denoise(self.model, self.params, noise, states[rows], mask[rows], pooled[rows], steps=sc.steps,
-                          shift=sc.shift, guidance=guidance, negative=negative, true_cfg_scale=sc.true_cfg_scale,
-                          progress=sc.progress, mesh=self.mesh, rules=self.rules)
+            if cache.active:
+                cached = sample_cache.denoise_cached(
+                    self.model, self.params, noise, states[rows], mask[rows], pooled[rows], steps=sc.steps,
+                    shift=sc.shift, guidance=guidance, cache=cache, negative=negative,
+                    true_cfg_scale=sc.true_cfg_scale, mesh=self.mesh, rules=self.rules, calibrate=calibrate_mag)
+                out, ratios = cached.latents, cached.ratios if ratios is None else ratios
+                computed.append(cached.computed)
+            else:
+                out = denoise(self.model, self.params, noise, states[rows], mask[rows], pooled[rows],
+                              steps=sc.steps, shift=sc.shift, guidance=guidance, negative=negative,
+                              true_cfg_scale=sc.true_cfg_scale, progress=sc.progress, mesh=self.mesh,
+                              rules=self.rules)
             # Gathered: with several processes, the batch's rows sit on other hosts' devices too.
             latents.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:min(batch, n - first)])
         latents = np.concatenate(latents)
@@ -399,12 +426,13 @@ class Sampler:
         videos = self.decode(latents)
         seconds["decode"] = time.perf_counter() - start
         return SampleResult(videos, latents, [p for p in prompts for _ in range(sc.videos_per_prompt)], seeds,
-                            seconds)
+                            seconds, np.stack(computed) if computed else None, ratios if calibrate_mag else None)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
 SAMPLE_FLAGS = ("height", "width", "frames", "steps", "shift", "guidance", "true_cfg_scale", "seed", "fps",
-                "negative_prompt", "videos_per_prompt", "batch_size")
+                "negative_prompt", "videos_per_prompt", "batch_size", "cache", "cache_threshold", "mag_max_skip_steps",
+                "mag_retention", "mag_ratios_file")
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
@@ -451,8 +479,8 @@ def write_outputs(result: SampleResult, out: str, fps: float, save_latents: bool
 
 def run(config, *, prompts: Sequence[str] = (), prompts_file: str | None = None, out: str = "video.mp4",
         workdir=None, step: int | None = None, checkpoint=None, torch_weights=None, vae_weights=None,
-        lora_file: str | None = None, save_latents: bool = False,
-        mesh=None) -> tuple[list[str], SampleResult, "Sampler"]:
+        lora_file: str | None = None, save_latents: bool = False, mesh=None,
+        calibrate_mag: str | None = None) -> tuple[list[str], SampleResult, "Sampler"]:
     """What the CLI does: check the request (sizes, prompts, output, mesh) before loading anything, load, generate,
     write. Returns (mp4 paths, result, sampler); bad input raises ValueError / FileNotFoundError with a sentence."""
     from hyvideo_jax.models.vae import VAEConfig
@@ -477,7 +505,13 @@ def run(config, *, prompts: Sequence[str] = (), prompts_file: str | None = None,
                                   torch_weights=torch_weights, vae_weights=vae_weights, lora_file=lora_file,
                                   mesh=mesh)
     print(f"weights: {sampler.description}", file=sys.stderr)
-    result = sampler.generate(prompts)
+    result = sampler.generate(prompts, calibrate_mag=bool(calibrate_mag))
+    if calibrate_mag:   # the JSON the sampler reads with sample.mag_ratios_file (one per checkpoint)
+        sample_cache.write_mag_ratios(calibrate_mag, sample_cache.CachedResult(None, None, result.mag_ratios, 0.0),
+                                      height=sc.height, width=sc.width, frames=sc.frames, steps=sc.steps,
+                                      model=sampler.description)
+        print(f"MagCache ratios for {sc.height}x{sc.width}x{sc.frames}, {sc.steps} steps written to {calibrate_mag}",
+              file=sys.stderr)
     return write_outputs(result, out, sc.fps, save_latents), result, sampler
 
 
@@ -500,7 +534,7 @@ def main(argv):
         paths, result, sampler = run(config, prompts=f.prompt, prompts_file=f.prompts_file, out=f.out,
                                      workdir=f.workdir, step=f.step, checkpoint=f.checkpoint,
                                      torch_weights=f.torch_weights, vae_weights=f.vae_weights, lora_file=f.lora,
-                                     save_latents=f.save_latents)
+                                     save_latents=f.save_latents, calibrate_mag=f.calibrate_mag)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -508,6 +542,10 @@ def main(argv):
     print(f"{len(paths)} video(s) of {sc.frames} frames at {sc.height}x{sc.width}, {sc.fps:g} fps, {sc.steps} steps: "
           f"text {times['text']:.1f} s, denoise {times['denoise']:.1f} s, decode {times['decode']:.1f} s",
           file=sys.stderr)
+    if result.computed is not None:
+        done = result.computed.sum(axis=(0, 2)) / result.computed.shape[0]
+        print(f"cache {sc.cache}: steps computed per batch " + ", ".join(
+            f"{name} {c:g}/{sc.steps}" for name, c in zip(("prompt", "negative prompt"), done)), file=sys.stderr)
     for path in paths:
         print(path)
     return 0
@@ -543,6 +581,13 @@ def define_flags():
     flags.DEFINE_integer("batch_size", None, "Videos per denoising program (sample.batch_size; 0: all).")
     flags.DEFINE_integer("seed", None, "Seed of the first video; video n uses seed + n (sample.seed).")
     flags.DEFINE_float("fps", None, "Frames per second of the mp4 (sample.fps).")
+    flags.DEFINE_enum("cache", None, ["none", "first_block", "mag"], "Cached sampling (sample.cache).")
+    flags.DEFINE_float("cache_threshold", None, "first_block: relative change; mag: accumulated error.")
+    flags.DEFINE_integer("mag_max_skip_steps", None, "MagCache: most consecutive skipped steps K.")
+    flags.DEFINE_float("mag_retention", None, "MagCache: share of first steps always computed.")
+    flags.DEFINE_string("mag_ratios_file", None, "MagCache ratios JSON written by --calibrate_mag.")
+    flags.DEFINE_string("calibrate_mag", None, "Run uncached once and write MagCache ratios for this model, size "
+                        "and step count to this JSON (e.g. beside the checkpoint: ckpt/dit/mag_ratios.json).")
     flags.mark_flags_as_required(["config"])
 
 
