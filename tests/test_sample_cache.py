@@ -1,9 +1,14 @@
 """Cached sampling (`hyvideo_jax.sample_cache`) against diffusers' FirstBlockCache and MagCache hooks on
 HunyuanVideoPipeline: the same tiny transformer, embeddings, noise and thresholds give the same per-step
 computed/cached pattern in each branch (prompt, negative prompt) and the same final latents; our MagCache
-calibration equals the hook's calibration mode; the cached sampler on 8 simulated devices equals one device."""
+calibration equals the hook's calibration mode; the cached sampler on 8 simulated devices equals one device.
+
+Kept cheap: one tiny pipeline and its converted parameters for the whole file, 10 steps (enough for three different
+patterns per cache), one compiled cached loop per (cache kind, branch count) reused across thresholds and settings
+(and by the sharded test's one-device runs), MagCache checked under true CFG only (which runs both branches)."""
 
 import contextlib
+import copy
 import io
 
 import numpy as np
@@ -18,7 +23,7 @@ from hyvideo_jax.models.dit import HunyuanVideoDiT
 from tests.dit_reference import TINY, diffusers_dit, relative_error
 from tests.test_sample import LATENT, conditioning
 
-STEPS, SHIFT, SCALE = 20, 7.0, 2.0
+STEPS, SHIFT, SCALE = 10, 7.0, 2.0
 GUIDANCE = 6.016   # diffusers' fp32 guidance × 1000 is then the bf16-rounded 6016 that ours feeds (test_sample.py)
 
 
@@ -33,15 +38,19 @@ def make_setup():
 
 @pytest.fixture(scope="module")
 def setup():
-    return make_setup()
+    """The tiny pipeline's parts; torch on one thread meanwhile: these models are too small to gain from a second,
+    and on a busy 2-core machine torch's threads waiting for XLA's made a 10-step run take 1-15 s instead of 0.2."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield make_setup()
+    torch.set_num_threads(threads)
 
 
 def diffusers_run(setup, hook, true_cfg: bool):
     """diffusers' pipeline with a cache hook applied to a fresh copy of the transformer: (latents channel-last,
     computed [branches, steps] bool, stdout). A step computed = the tail block (last single block) ran."""
     transformer, _, _, noise, cond, negative = setup
-    fresh = diffusers_dit(seed=3)
-    fresh.load_state_dict(transformer.state_dict())
+    fresh = copy.deepcopy(transformer)
     hook(fresh)
     calls = []
     fresh.register_forward_pre_hook(lambda *_: calls.append(False))
@@ -83,11 +92,16 @@ def calibration_lists(stdout: str) -> np.ndarray:
                      if line.startswith("[") and not line.startswith("[MagCache]")])
 
 
+FIRST_BLOCK_THRESHOLDS = (0.35, 0.4, 0.45)   # 10 steps: three patterns; under true CFG the branches differ at 0.4
+MAG_SETTINGS = ((0.1, 2), (0.2, 2), (0.3, 4))   # (threshold, K): three patterns with the calibrated ratios
+
+
 @pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true_cfg"])
 def test_first_block_cache_equals_diffusers(setup, true_cfg):
-    """Thresholds 0.3 / 0.4 / 0.5 give three different patterns; under true CFG the two branches differ at 0.4."""
-    seen = set()
-    for threshold in (0.3, 0.4, 0.5):
+    """Three thresholds, three different patterns (some steps cached in each), equal to the hook's step by step and
+    branch by branch, latents within 1e-4; every threshold runs the same compiled program."""
+    seen, compiled = set(), None
+    for threshold in FIRST_BLOCK_THRESHOLDS:
         hook = lambda m: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=threshold))  # noqa: E731
         ref, want, _ = diffusers_run(setup, hook, true_cfg)
         got = ours(setup, sample_cache.CacheConfig(kind="first_block", threshold=threshold), true_cfg)
@@ -97,7 +111,11 @@ def test_first_block_cache_equals_diffusers(setup, true_cfg):
         assert got.computed.shape == want.shape and (got.computed == want).all()
         assert err <= 1e-4
         seen.add(pattern(want))
+        compiled = compiled or sample_cache._cached_loop._cache_size()
+        assert sample_cache._cached_loop._cache_size() == compiled   # no recompilation for another threshold
     assert len(seen) == 3 and all("." in p for p in seen)
+    if true_cfg:
+        assert any(len(set(p.split(" | "))) == 2 for p in seen)   # the two branches decided differently
 
 
 def test_first_block_threshold_zero_is_the_uncached_sampler(setup):
@@ -110,27 +128,26 @@ def test_first_block_threshold_zero_is_the_uncached_sampler(setup):
     assert got.computed.all() and np.array_equal(np.asarray(got.latents), np.asarray(plain))
 
 
-@pytest.mark.parametrize("true_cfg", [False, True], ids=["plain", "true_cfg"])
-def test_mag_cache_calibration_and_skips_equal_diffusers(setup, true_cfg):
-    """Calibration: the hook's printed ratios (per context) against ours. Then the hook with those ratios at three
-    (threshold, K) settings against ours with the same ratios: same patterns and latents."""
+def test_mag_cache_calibration_and_skips_equal_diffusers(setup):
+    """Under true CFG (both cache contexts): calibration, the hook's printed ratios per context against ours. Then
+    the hook with the prompt's ratios at three (threshold, K) settings against ours with the same ratios: same
+    patterns and latents."""
     hook = lambda m: apply_mag_cache(m, MagCacheConfig(calibrate=True, num_inference_steps=STEPS))  # noqa: E731
-    _, computed, stdout = diffusers_run(setup, hook, true_cfg)
+    _, computed, stdout = diffusers_run(setup, hook, True)
     want = calibration_lists(stdout)
-    got = ours(setup, sample_cache.CacheConfig(kind="mag"), true_cfg, calibrate=True)
+    got = ours(setup, sample_cache.CacheConfig(kind="mag"), True, calibrate=True)
     err = float(np.abs(got.ratios - want).max())
-    print(f"MagCache calibration {'true CFG' if true_cfg else ''}: max |ours − diffusers| {err:.2e} "
-          f"(ratios {np.round(got.ratios[0], 3).tolist()})")
-    assert computed.all() and got.computed.all() and want.shape == got.ratios.shape and err <= 1e-4
-    assert want[0, 0] == 1.0 and np.abs(want - 1).max() > 0.05
+    print(f"MagCache calibration: max |ours − diffusers| {err:.2e} (ratios {np.round(got.ratios, 3).tolist()})")
+    assert computed.all() and got.computed.all() and want.shape == got.ratios.shape == (2, STEPS) and err <= 1e-4
+    assert (want[:, 0] == 1.0).all() and np.abs(want - 1).max() > 0.05 and np.abs(want[0] - want[1]).max() > 1e-3
     ratios = [float(r) for r in want[0]]
     seen = set()
-    for threshold, k in ((0.06, 3), (0.1, 2), (0.3, 4)):
+    for threshold, k in MAG_SETTINGS:
         hook = lambda m: apply_mag_cache(m, MagCacheConfig(  # noqa: E731
             threshold=threshold, max_skip_steps=k, num_inference_steps=STEPS, mag_ratios=ratios))
-        ref, want_computed, _ = diffusers_run(setup, hook, true_cfg)
+        ref, want_computed, _ = diffusers_run(setup, hook, True)
         got = ours(setup, sample_cache.CacheConfig(kind="mag", threshold=threshold, mag_max_skip_steps=k,
-                                                   mag_ratios=ratios), true_cfg)
+                                                   mag_ratios=ratios), True)
         err = relative_error(got.latents, ref)
         print(f"mag {threshold} K={k}: {pattern(got.computed)} (diffusers {pattern(want_computed)}), "
               f"relative max error {err:.2e}")
@@ -155,45 +172,34 @@ def test_mag_ratios_interpolation_and_file(tmp_path, setup):
 
 
 # --------------------------------------------------------------------------------------- sharded (acceptance 5)
-SHARDED_LATENT = (2, 4, 8)   # 16 image tokens: split over sequence axes of 4 and 8
+SHARDED_MESH = (1, 2, 4, 1)   # fsdp 2 (one sample per device pair) × sequence 4 (Ulysses: 4 heads, 12 image tokens)
 
 
-@pytest.mark.parametrize("shape,method", [((1, 1, 8, 1), "ring"), ((1, 2, 4, 1), "ulysses")],
-                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
-def test_sharded_cached_sampler_equals_one_device(shape, method):
+def test_sharded_cached_sampler_equals_one_device(setup):
+    """Both caches under true CFG on 8 simulated devices (the batch over fsdp, image tokens over a Ulysses sequence
+    axis: the decision's mean and the calibration norms reduce across devices) against one device (the programs of
+    the tests above): the same patterns, with steps cached and the branches deciding differently, and latents."""
     import dataclasses
-
-    import jax
 
     from hyvideo_jax.models.dit import example_inputs
     from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
     from hyvideo_jax.parallel.sharding import param_targets, place_params
-    from tests.test_dit_model import random_init, tiny_config
-    cfg = tiny_config(depth_double=2, depth_single=2, depth_refiner=1)
-    params = jax.tree.map(np.asarray, random_init(cfg, example_inputs(cfg)))
-    rng = np.random.default_rng(3)
-    noise = rng.standard_normal((2, *SHARDED_LATENT, cfg.in_channels)).astype(np.float32)
-    cond = (rng.standard_normal((2, 5, cfg.text_states_dim)).astype(np.float32),
-            np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32),
-            rng.standard_normal((2, cfg.pooled_text_dim)).astype(np.float32))
-    negative = (rng.standard_normal((1, 5, cfg.text_states_dim)).astype(np.float32), np.array([[1, 1, 0, 0, 0]]),
-                rng.standard_normal((1, cfg.pooled_text_dim)).astype(np.float32))
-    sharded_cfg = dataclasses.replace(cfg, sequence_parallel=method)
-    mesh = create_mesh(MeshConfig(ici=shape))
-    placed = place_params(params, param_targets(HunyuanVideoDiT(sharded_cfg), example_inputs(cfg), mesh)[1])
-    caches = (sample_cache.CacheConfig(kind="first_block", threshold=FIRST_BLOCK_SHARDED),
-              sample_cache.CacheConfig(kind="mag", threshold=0.2, mag_ratios=MAG_SHARDED))
+    _, model, params, _, _, _ = setup
+    sharded = HunyuanVideoDiT(dataclasses.replace(model.config, sequence_parallel="ulysses"))
+    mesh = create_mesh(MeshConfig(ici=SHARDED_MESH))
+    assert mesh.devices.size == 8
+    placed = place_params(params, param_targets(sharded, example_inputs(model.config), mesh)[1])
+    sharded_setup = (None, sharded, placed, *setup[3:])
+    calibration = ours(setup, sample_cache.CacheConfig(kind="mag"), True, calibrate=True)
+    caches = (sample_cache.CacheConfig(kind="first_block", threshold=FIRST_BLOCK_THRESHOLDS[1]),
+              sample_cache.CacheConfig(kind="mag", threshold=MAG_SETTINGS[0][0], mag_max_skip_steps=MAG_SETTINGS[0][1],
+                                       mag_ratios=calibration.ratios[0]))
     for cache in caches:
-        run = lambda m, p, mesh=None: sample_cache.denoise_cached(  # noqa: E731
-            m, p, noise, *cond, steps=8, shift=7.0, guidance=6.0, cache=cache, negative=negative,
-            true_cfg_scale=2.5, mesh=mesh)
-        want, got = run(HunyuanVideoDiT(cfg), params), run(HunyuanVideoDiT(sharded_cfg), placed, mesh)
+        want, got = ours(setup, cache, True), ours(sharded_setup, cache, True, mesh=mesh)
         err = relative_error(got.latents, np.asarray(want.latents))
-        print(f"mesh {shape} {method} {cache.kind}: {pattern(got.computed)} (one device {pattern(want.computed)}), "
-              f"relative max error {err:.2e}")
+        print(f"mesh {SHARDED_MESH} ulysses {cache.kind}: {pattern(got.computed)} (one device "
+              f"{pattern(want.computed)}), relative max error {err:.2e}")
         assert (got.computed == want.computed).all() and "." in pattern(want.computed)
         assert err <= 1e-5
-
-
-FIRST_BLOCK_SHARDED = 1.0   # the random tiny model: the two branches decide differently
-MAG_SHARDED = (1.0, 1.05, 0.98, 1.02, 1.01, 0.99, 1.03, 0.97)
+    got = ours(sharded_setup, sample_cache.CacheConfig(kind="mag"), True, calibrate=True, mesh=mesh)
+    assert np.abs(got.ratios - calibration.ratios).max() <= 1e-5
