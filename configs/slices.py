@@ -3,9 +3,11 @@
     python -m hyvideo_jax.train --config=configs/v5p_8_lora.py --workdir=gs://bucket/run ...
     python -m launch.aot_presets            # AOT-compile every preset for its topology (minutes each)
 
-`slice(config, ...)` sets the mesh, the global batch (one sample per data-parallel group: data × fsdp), full remat
-and the `config.slice` section that the launch scripts and `launch/aot_presets.py` read: the topology, the Cloud TPU
-accelerator type, and the video size the preset was measured at.
+`slice_preset(config, ...)` sets the mesh, the global batch (one sample per data-parallel group: data × fsdp), the
+remat policy chosen from the README's AOT table ("attention" keeps the attention residuals, so attention is never
+recomputed, where it fits; "full" otherwise), the chip's splash block sizes, and the `config.slice` section that
+the launch scripts and `launch/aot_presets.py` read: the topology, the Cloud TPU accelerator type, and the video
+size the preset was measured at.
 """
 
 import ml_collections
@@ -29,11 +31,11 @@ def splash_blocks(config, chip: str):
 
 
 def slice_preset(config, *, topology: str, accelerator_type: str, ici, dcn=(1, 1, 1, 1), frames: int = 129,
-                 height: int = 720, width: int = 1280, measured: str = ""):
+                 height: int = 720, width: int = 1280, measured: str = "", remat_policy: str = "full"):
     """`config` fitted to one slice; `measured` quotes the AOT table's per-chip memory for it."""
     config.mesh.ici, config.mesh.dcn = tuple(ici), tuple(dcn)
     config.data.global_batch_size = ici[0] * ici[1] * dcn[0] * dcn[1]
-    config.model.remat_policy = "full"
+    config.model.remat_policy = remat_policy
     config.model.attention_backend = "splash"
     config.model.sequence_parallel = "ulysses"
     splash_blocks(config, topology.split(":")[0])
