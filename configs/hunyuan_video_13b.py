@@ -91,9 +91,9 @@ def get_config():
         latent_dtype="bfloat16",
         text_dtype="bfloat16",
         video_index="",               # source "videos": a JSON file keeping probed shapes across restarts
-        caption_dropout=0.0,
+        caption_dropout=0.0,          # chance a sample trains on the empty prompt (for CFG later)
         eval_path="",                 # evaluation clips (a prepared folder; a split name for tfds), or
-        eval_fraction=0.0,            # a share of the training records held out (never trained on)          # chance a sample trains on the empty prompt (for CFG later)
+        eval_fraction=0.0,            # a share of the training records held out (never trained on)
         prepare=ml_collections.ConfigDict(dict(
             fps=24.0,
             # (frames, height, width): 720p and 544p landscape, portrait and square, 129 and 65 frames.

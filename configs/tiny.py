@@ -82,9 +82,9 @@ def get_config():
         random_records=64,
         random_latent_shapes=((2, 4, 4), (3, 4, 6)),  # [T, H, W] latents; H, W even for patch_size 2
         video_index="",               # source "videos": a JSON file keeping probed shapes across restarts
-        caption_dropout=0.0,
+        caption_dropout=0.0,          # chance a sample trains on the empty prompt (for CFG later)
         eval_path="",                 # evaluation clips (a prepared folder; a split name for tfds), or
-        eval_fraction=0.0,            # a share of the training records held out (never trained on)          # chance a sample trains on the empty prompt (for CFG later)
+        eval_fraction=0.0,            # a share of the training records held out (never trained on)
         prepare=ml_collections.ConfigDict(dict(
             fps=8.0,
             buckets=((5, 32, 32), (5, 16, 32)),  # (frames, height, width) pixels: one VAE tile, no tiling

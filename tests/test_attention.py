@@ -65,7 +65,8 @@ def test_splash_block_sizes_from_the_model_config_reach_the_kernel(monkeypatch):
 
     q, k, v, dout = qkv(3)
     fused, separate = (grads(lambda *a: splash_attention(*a, blocks=SplashBlocks(128, 128, 128, fused_backward=f),
-                                                         interpret=True), q, k, v, dout, SEGMENTS) for f in (True, False))
+                                                         interpret=True), q, k, v, dout, SEGMENTS)
+                       for f in (True, False))
     for a, b in zip(fused, separate):
         np.testing.assert_allclose(a, b, atol=2e-6)
 
