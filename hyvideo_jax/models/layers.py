@@ -184,10 +184,9 @@ REMAT_POLICIES = {
     # ... and the matmul outputs without batch dimensions (the weight matmuls)
     "attention_dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _names(ATTENTION_RESIDUALS)),
-    # the attention residuals moved to host memory (TPU, GPU) between the forward and the backward
-    "attention_offload": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=[ATTENTION_RESIDUALS], offload_src="device",
-        offload_dst="pinned_host"),
+    # No offload policy: with `save_and_offload_only_these_names`, JAX still reruns the splash forward kernel in the
+    # backward (its residuals live inside a custom VJP under shard_map and vmap); the AOT compile of the 13B step on
+    # v5p showed the forward run twice per backward, as under "full".
 }
 
 
