@@ -191,3 +191,27 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
     assert np.abs(clip - to_unit(rendered)).mean() < 0.04
     # A moving shape: consecutive frames differ.
     assert np.abs(np.diff(rendered.astype(np.float32), axis=0)).mean() > 0.5
+
+
+def test_synthetic_split_by_combination(tmp_path):
+    """`exclude` keeps (shape, colour, direction) combinations out; `combinations` shows only them, cycled; the
+    videos are the seed's, and names outside the vocabulary are refused with the field's name."""
+    held_out = (("circle", "red", "left"), ("square", "blue", "up"))
+    training = synthetic.SyntheticConfig(num_videos=200, sizes=((32, 32),), frames=(5,), exclude=held_out)
+    scenes = [synthetic.scene_of(training, i)[0] for i in range(200)]
+    combinations = {s.combination for s in scenes}
+    assert not combinations & set(held_out) and len(combinations) > 50   # of the 70 left
+    # Scenes that were allowed before are drawn as before: excluding only redraws the excluded ones.
+    free = synthetic.SyntheticConfig(num_videos=200, sizes=((32, 32),), frames=(5,))
+    same = [synthetic.scene_of(free, i)[0] for i in range(200)]
+    assert all(a == b for a, b in zip(scenes, same) if b.combination not in held_out)
+    assert sum(b.combination in held_out for b in same) > 0
+    only = dict(num_videos=5, sizes=((32, 32),), frames=(5,), combinations=held_out, seed=1)
+    path = synthetic.write_dataset(str(tmp_path / "held_out"), only)
+    captions = [json.loads(line)["caption"] for line in open(path)]
+    words = [c.split() for c in captions]   # "a <size> <colour> <shape> moving <direction> <speed> on a ..."
+    assert [(w[3], w[2], w[5]) for w in words] == [*held_out, *held_out, held_out[0]]
+    with pytest.raises(ValueError, match=r"data.synthetic.exclude: each entry must be \(shape, colour, direction\)"):
+        synthetic.SyntheticConfig(exclude=(("circle", "pink", "left"),))
+    with pytest.raises(ValueError, match="data.synthetic.combinations: .* also in data.synthetic.exclude"):
+        synthetic.SyntheticConfig(exclude=held_out, combinations=held_out[:1])

@@ -7,6 +7,10 @@ Each video shows one shape (circle, square or triangle) of one colour on a plain
 in one direction; its caption says what is seen, e.g. "a small red circle moving left quickly on a black
 background". Everything follows from the seed, so the demo dataset is the same on every machine and needs no
 download. Videos are H.264 (yuv420p, PyAV), so they go through the same decoder as real videos.
+
+A split by content: `exclude` lists (shape, colour, direction) combinations that never appear, `combinations` the
+only ones that do (video i shows combinations[i % n]), so a model trained on one side can be asked for the other:
+captions whose words it has seen, never together.
 """
 
 import dataclasses
@@ -25,21 +29,27 @@ SIZES = {"small": 0.18, "large": 0.36}            # shape diameter as a fraction
 SPEEDS = {"slowly": 0.5, "quickly": 1.0}         # fraction of the path covered over the clip
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 CAPTIONS = "captions.jsonl"
+Combination = tuple[str, str, str]               # (shape, colour, direction)
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
     """The `config.data.synthetic` section: how many videos, their frame sizes ((height, width) cycled), lengths
-    in frames (cycled) and frame rate."""
+    in frames (cycled) and frame rate; which (shape, colour, direction) combinations are left out (`exclude`) or
+    are the only ones shown (`combinations`, cycled; empty: any)."""
     num_videos: int = 16
     sizes: tuple[tuple[int, int], ...] = ((64, 64), (48, 80))
     frames: tuple[int, ...] = (17, 25)
     fps: float = 8.0
     seed: int = 0
+    exclude: tuple[Combination, ...] = ()
+    combinations: tuple[Combination, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "sizes", tuple(tuple(int(v) for v in s) for s in self.sizes))
         object.__setattr__(self, "frames", tuple(int(f) for f in self.frames))
+        for field in ("exclude", "combinations"):
+            object.__setattr__(self, field, tuple(tuple(str(v) for v in c) for c in getattr(self, field)))
         self.validate()
 
     def validate(self):
@@ -53,6 +63,17 @@ class SyntheticConfig:
             fail("frames", f"must be positive frame counts, got {self.frames}")
         if not self.fps > 0:
             fail("fps", f"must be positive, got {self.fps}")
+        for field in ("exclude", "combinations"):
+            for combination in getattr(self, field):
+                if (len(combination) != 3 or combination[0] not in SHAPES or combination[1] not in COLOURS
+                        or combination[2] not in DIRECTIONS):
+                    fail(field, f"each entry must be (shape, colour, direction) with shape in {SHAPES}, colour in "
+                         f"{tuple(COLOURS)} and direction in {tuple(DIRECTIONS)}, got {combination}")
+        if len(set(self.exclude)) == len(SHAPES) * len(COLOURS) * len(DIRECTIONS):
+            fail("exclude", "leaves no (shape, colour, direction) combination to show")
+        excluded = set(self.exclude) & set(self.combinations)
+        if excluded:
+            fail("combinations", f"{sorted(excluded)} are also in data.synthetic.exclude")
 
     @classmethod
     def from_config(cls, config: "SyntheticConfig | Mapping[str, Any]") -> "SyntheticConfig":
@@ -70,15 +91,34 @@ class Scene:
     background: str
 
     @property
+    def combination(self) -> Combination:
+        return self.shape, self.colour, self.direction
+
+    @property
     def caption(self) -> str:
         return f"a {self.size} {self.colour} {self.shape} moving {self.direction} {self.speed} on a " \
                f"{self.background} background"
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
+def random_scene(rng: np.random.Generator, exclude=(), combination: Combination | None = None) -> Scene:
+    """Every attribute drawn uniformly, redrawn while (shape, colour, direction) is in `exclude`; `combination`
+    fixes those three instead."""
     def pick(options):
         return list(options)[int(rng.integers(len(options)))]
-    return Scene(pick(SHAPES), pick(COLOURS), pick(SIZES), pick(DIRECTIONS), pick(SPEEDS), pick(BACKGROUNDS))
+    while True:
+        scene = Scene(pick(SHAPES), pick(COLOURS), pick(SIZES), pick(DIRECTIONS), pick(SPEEDS), pick(BACKGROUNDS))
+        if combination is not None:
+            return dataclasses.replace(scene, shape=combination[0], colour=combination[1], direction=combination[2])
+        if scene.combination not in exclude:
+            return scene
+
+
+def scene_of(config: SyntheticConfig, index: int) -> tuple[Scene, float]:
+    """Video `index`'s scene and its offset across the direction of motion, from (seed, index) alone."""
+    rng = np.random.default_rng([config.seed, index])
+    combination = config.combinations[index % len(config.combinations)] if config.combinations else None
+    scene = random_scene(rng, set(config.exclude), combination)
+    return scene, float(rng.uniform(-0.3, 0.3))
 
 
 def render(scene: Scene, frames: int, height: int, width: int, offset: float = 0.0) -> np.ndarray:
@@ -138,17 +178,16 @@ def write_dataset(out: str, config: "SyntheticConfig | Mapping[str, Any]") -> st
     """Write `num_videos` mp4 files and `captions.jsonl` into `out`; returns the captions path.
 
     Video i is `video-{i:05d}.mp4`, of size sizes[i % len(sizes)] and frames[i % len(frames)] frames; its scene
-    comes from (seed, i), so adding videos never changes the earlier ones.
+    comes from (seed, i) (`scene_of`), so adding videos never changes the earlier ones.
     """
     from etils import epath
     config = SyntheticConfig.from_config(config)
     epath.Path(out).mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(config.num_videos):
-        rng = np.random.default_rng([config.seed, i])
-        scene = random_scene(rng)
+        scene, offset = scene_of(config, i)
         height, width = config.sizes[i % len(config.sizes)]
-        video = render(scene, config.frames[i % len(config.frames)], height, width, float(rng.uniform(-0.3, 0.3)))
+        video = render(scene, config.frames[i % len(config.frames)], height, width, offset)
         name = f"video-{i:05d}.mp4"
         write_mp4(str(epath.Path(out) / name), video, config.fps)
         lines.append(json.dumps({"video": name, "caption": scene.caption}))
