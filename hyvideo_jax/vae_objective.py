@@ -1,4 +1,4 @@
-"""The VAE training objective: L1 reconstruction + KL to N(0, I), optionally a temporal-smoothness term.
+"""The VAE training objective: L1 (and/or squared) reconstruction + KL to N(0, I), optionally a temporal term.
 
     loss, metrics = vae_loss(HunyuanVideoVAE(model_config), VAELossConfig.from_config(config.vae.loss), params,
                              batch, rng)
@@ -9,9 +9,15 @@ The trainer's one train step trains it (`train.objective="vae"`).
 clip size except the KL, which follows diffusers' `DiagonalGaussianDistribution.kl()` (summed over latent
 elements, averaged over the batch):
   reconstruction = mean |x̂ - x|
+  squared        = mean (x̂ - x)²
   kl             = mean_b ½ Σ (μ² + σ² - 1 - log σ²)
   temporal       = mean |(x̂_{t+1} - x̂_t) - (x_{t+1} - x_t)|   (penalises flicker the target does not have)
-  loss = l1_weight·reconstruction + kl_weight·kl + temporal_weight·temporal
+  loss = l1_weight·reconstruction + l2_weight·squared + kl_weight·kl + temporal_weight·temporal
+
+The squared term matters when training from scratch on videos that are mostly background (the demo's shapes): L1's
+gradient has the same size at every pixel however small its error, so the many background pixels drown the few
+pixels of a small object and the model stays at the background (the median) for a long time; the squared error's
+gradient shrinks with the error, leaving the object's pixels to drive training.
 """
 
 import dataclasses
@@ -28,12 +34,13 @@ from hyvideo_jax.models.vae import HunyuanVideoVAE
 class VAELossConfig:
     """Weights of the loss terms and whether the latent is sampled from the posterior (else its mode is used)."""
     l1_weight: float = 1.0
+    l2_weight: float = 0.0
     kl_weight: float = 1e-6
     temporal_weight: float = 0.0
     sample_posterior: bool = True
 
     def __post_init__(self):
-        for field in ("l1_weight", "kl_weight", "temporal_weight"):
+        for field in ("l1_weight", "l2_weight", "kl_weight", "temporal_weight"):
             if float(getattr(self, field)) < 0:
                 raise ValueError(f"vae.loss.{field}: must be >= 0, got {getattr(self, field)}")
 
@@ -70,11 +77,11 @@ def vae_loss(model: HunyuanVideoVAE, loss_config: VAELossConfig, params, batch: 
     video = batch["video"]
     reconstruction, mean, logvar = model.apply({"params": params}, video,
                                                rng if loss_config.sample_posterior else None)
-    terms = {"reconstruction_l1": _per_sample_mean(jnp.abs(reconstruction.astype(jnp.float32)
-                                                           - video.astype(jnp.float32))),
+    error = reconstruction.astype(jnp.float32) - video.astype(jnp.float32)
+    terms = {"reconstruction_l1": _per_sample_mean(jnp.abs(error)), "reconstruction_l2": _per_sample_mean(error ** 2),
              "kl": kl_divergence(mean, logvar), "temporal": temporal_smoothness(reconstruction, video)}
     weights = jnp.asarray(batch["valid"], jnp.float32) if "valid" in batch else jnp.ones(video.shape[:1])
     terms = {k: jnp.sum(v * weights) / jnp.maximum(jnp.sum(weights), 1.0) for k, v in terms.items()}
-    loss = (loss_config.l1_weight * terms["reconstruction_l1"] + loss_config.kl_weight * terms["kl"]
-            + loss_config.temporal_weight * terms["temporal"])
+    loss = (loss_config.l1_weight * terms["reconstruction_l1"] + loss_config.l2_weight * terms["reconstruction_l2"]
+            + loss_config.kl_weight * terms["kl"] + loss_config.temporal_weight * terms["temporal"])
     return loss, dict(terms, loss=loss)

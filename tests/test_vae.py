@@ -99,13 +99,16 @@ def test_vae_loss_terms(reference):
     """The loss equals its terms recomputed by hand."""
     _, model, params = reference
     video = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, size=(1, 5, 16, 16, 3)), jnp.float32)
-    loss_config = VAELossConfig(l1_weight=1.0, kl_weight=1e-3, temporal_weight=0.5, sample_posterior=False)
+    loss_config = VAELossConfig(l1_weight=1.0, l2_weight=2.0, kl_weight=1e-3, temporal_weight=0.5,
+                                sample_posterior=False)
     loss, metrics = vae_loss(model, loss_config, params, {"video": video}, jax.random.PRNGKey(0))
     reconstruction, mean, logvar = model.apply({"params": params}, video)
     l1 = jnp.mean(jnp.abs(reconstruction - video))
+    l2 = jnp.mean(jnp.square(reconstruction - video))
     kl = jnp.mean(0.5 * jnp.sum(mean ** 2 + jnp.exp(logvar) - 1 - logvar, axis=(1, 2, 3, 4)))
     temporal = jnp.mean(jnp.abs(jnp.diff(reconstruction, axis=1) - jnp.diff(video, axis=1)))
-    np.testing.assert_allclose(float(loss), float(l1 + 1e-3 * kl + 0.5 * temporal), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(l1 + 2.0 * l2 + 1e-3 * kl + 0.5 * temporal), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["reconstruction_l2"]), float(l2), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["temporal"]), float(temporal), rtol=1e-5)
 
     # Training goes through the trainer's one train step: tests/test_train.py::test_vae_objective_trains_through_...

@@ -203,6 +203,29 @@ def check_latent_shape(shape: tuple[int, ...], config: VAEConfig):
 VIDEO_AXES = ("batch", "frames", "height", "width", "act_vae_channels")  # logical names of [B, T, H, W, C]
 
 
+def conv3d(x, kernel, strides: tuple[int, int, int]):
+    """The "VALID" convolution of x [B, T, H, W, Cin] with kernel [kt, kh, kw, Cin, Cout]. On CPU it is computed as
+    kt 2D convolutions of strided frame slices, summed: XLA:CPU's direct 3D convolution takes 3-4x as long (a VAE
+    train step at 8 x 5 x 32 x 32: 1.8 s against 0.5 s); elsewhere the direct one is kept."""
+    def direct(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, strides, "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+    def by_frames(x, kernel):
+        kt, st = kernel.shape[0], strides[0]
+        frames = (x.shape[1] - kt) // st + 1
+        out = None
+        for dt in range(kt):
+            taps = x[:, dt:dt + st * (frames - 1) + 1:st]           # [B, frames, H, W, Cin]: tap dt of each output
+            y = jax.lax.conv_general_dilated(taps.reshape(-1, *taps.shape[2:]), kernel[dt], strides[1:], "VALID",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = y.reshape(x.shape[0], frames, *y.shape[1:])
+            out = y if out is None else out + y
+        return out
+    if kernel.shape[0] == 1:
+        return direct(x, kernel)
+    return jax.lax.platform_dependent(x, kernel, cpu=by_frames, default=direct)
+
+
 class CausalConv3d(nn.Module):
     """Conv3d on [B, T, H, W, C] after replicate padding (k//2 each side in space, k-1 frames in front in time).
 
@@ -224,8 +247,7 @@ class CausalConv3d(nn.Module):
                             (k, k, k, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(zeros, ("vae_channels",)), (self.features,),
                           self.param_dtype)
-        y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, "VALID",
-                                         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+        y = conv3d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
         # Under a mesh, activations shard over batch and image rows (the rules table maps 'height'); XLA adds the
         # halo exchange the 3×3×3 convolutions need.
         return nn.with_logical_constraint(y + bias.astype(self.dtype), VIDEO_AXES)
