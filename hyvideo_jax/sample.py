@@ -5,7 +5,7 @@
     sampler = Sampler.from_config(config, checkpoint="ckpt/dit", mesh=create_mesh(config.mesh))
     result = sampler.generate(["a red square moves left"], negative_prompt=None)   # result.videos uint8
 
-    python -m hyvideo_jax.sample --config=configs/demo.py --workdir=demo_data/run --prompt="a red square ..." \\
+    python -m hyvideo_jax.sample --workdir=demo_data/run --prompt="a red square ..." \\
         --out=video.mp4 [--steps=30 --guidance=6 --seed=1 ...]
 
 The sampler follows the released pipelines (reference §4.2): σ = `flow.sigma_schedule(steps, shift)` from 1 to 0,
@@ -522,6 +522,14 @@ def main(argv):
     f = flags.FLAGS
     config = f.config
     try:
+        if config is None:   # a training workdir's own config, as its run started
+            if not f.workdir:
+                raise ValueError("give --config (e.g. configs/hunyuan_video_13b.py), or --workdir of a training run, "
+                                 "whose config.json is used")
+            import ml_collections
+
+            from hyvideo_jax.convert.flax_io import training_config
+            config = ml_collections.ConfigDict(training_config(f.workdir))
         with config.unlocked():
             if "sample" not in config:   # a config written before the section existed: the defaults
                 import ml_collections
@@ -555,8 +563,8 @@ def define_flags():
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Configuration (configs/*.py): model, text, vae, mesh, sample.",
-                                    lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "Configuration (configs/*.py): model, text, vae, mesh, sample "
+                                    "(default with --workdir: the run's config.json).", lock_config=True)
     flags.DEFINE_string("workdir", None, "A training workdir: its latest (or --step) checkpoint, EMA if kept.")
     flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (default: the latest).")
     flags.DEFINE_bool("raw_params", False, "With --workdir: the raw parameters even when the run kept an EMA.")
@@ -588,7 +596,6 @@ def define_flags():
     flags.DEFINE_string("mag_ratios_file", None, "MagCache ratios JSON written by --calibrate_mag.")
     flags.DEFINE_string("calibrate_mag", None, "Run uncached once and write MagCache ratios for this model, size "
                         "and step count to this JSON (e.g. beside the checkpoint: ckpt/dit/mag_ratios.json).")
-    flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":

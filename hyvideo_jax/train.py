@@ -26,7 +26,7 @@ import json
 import signal
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -209,8 +209,10 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
     return means
 
 
-def train_and_evaluate(config, workdir: str) -> TrainState:
-    """Train per `config` in `workdir`, resuming from its latest checkpoint; returns the final TrainState."""
+def train_and_evaluate(config, workdir: str, writers: Sequence[metric_writers.MetricWriter] = ()) -> TrainState:
+    """Train per `config` in `workdir`, resuming from its latest checkpoint; returns the final TrainState.
+
+    `writers`: more CLU metric writers for process 0 (e.g. a progress display), given what TensorBoard gets."""
     sections = validate_config(config)
     from hyvideo_jax.compilation import CacheCounter, use_compilation_cache
     use_compilation_cache(sections["train"].compilation_cache_dir or str(resolve(workdir) / "compilation_cache"))
@@ -266,7 +268,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         epath.Path(workdir, CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, default=list))
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
     if is_main:
-        writer = metric_writers.MultiWriter([writer, JsonlWriter(str(resolve(workdir) / METRICS_FILE))])
+        writer = metric_writers.MultiWriter([writer, JsonlWriter(str(resolve(workdir) / METRICS_FILE)), *writers])
     if start == 0:
         writer.write_hparams({k: v for k, v in flatten(config.to_dict()).items()})
     hooks = [periodic_actions.ReportProgress(num_train_steps=train_config.num_steps, writer=writer)]

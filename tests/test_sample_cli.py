@@ -136,8 +136,9 @@ def test_long_prompt_warns_how_much_was_cut(checkpoints):
 
 def test_cli_exit_code_and_sentence_for_a_bad_size(checkpoints):
     _, workdir, _ = checkpoints
-    proc = subprocess.run([sys.executable, "-m", "hyvideo_jax.sample", "--config=configs/tiny.py",
-                           f"--workdir={workdir}", "--prompt=x", "--frames=30"], cwd=ROOT,
+    # Without --config: the run's own config.json.
+    proc = subprocess.run([sys.executable, "-m", "hyvideo_jax.sample", f"--workdir={workdir}", "--prompt=x",
+                           "--frames=30"], cwd=ROOT,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "error: frames must be 4k+1 (1, 5, 9, ...), got 30" in proc.stderr

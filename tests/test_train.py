@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clu import metric_writers
+
 from configs import tiny
 from hyvideo_jax import train
 from hyvideo_jax.data import pipeline
@@ -111,9 +113,23 @@ def test_loss_falls_and_checkpoint_restores_on_another_mesh(tmp_path):
                           async_checkpointing=True)
     config.mesh.ici = (8, 1, 1, 1)
     workdir = str(tmp_path / "run")
-    train.train_and_evaluate(config, workdir)
+
+    class Recorder(metric_writers.MetricWriter):   # a caller's writer (the demo's progress bar) gets the scalars
+        def __init__(self):
+            self.scalars = {}
+
+        def write_scalars(self, step, scalars):
+            self.scalars.setdefault(int(step), {}).update(scalars)
+
+        write_summaries = write_images = write_videos = write_audios = write_texts = write_histograms = \
+            write_hparams = flush = close = lambda self, *args, **kwargs: None
+    recorder = Recorder()
+    train.train_and_evaluate(config, workdir, writers=[recorder])
     metrics = train.read_metrics(workdir)
     losses = np.array([metrics[s]["loss"] for s in range(1, 81)])
+    assert [s for s in sorted(recorder.scalars) if "loss" in recorder.scalars[s]] == \
+        sorted(s for s in metrics if "loss" in metrics[s])
+    np.testing.assert_allclose([recorder.scalars[s]["loss"] for s in range(1, 81)], losses, rtol=1e-6)
     ratio = losses[-10:].mean() / losses[:10].mean()
     print(f"loss: first 10 steps {losses[:10].mean():.4f}, last 10 {losses[-10:].mean():.4f}, ratio {ratio:.3f}; "
           f"step time {metrics[80]['step_time']:.3f} s, {metrics[80]['tokens_per_second']:.0f} tokens/s, "
