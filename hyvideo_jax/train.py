@@ -129,9 +129,6 @@ def validate_config(config) -> dict[str, Any]:
                          f"objective {train.objective!r} has none")
     if sections["lora"].enabled and train.objective != "flow":
         raise ValueError(f"lora.rank: adapters train the transformer (objective 'flow'), not {train.objective!r}")
-    if train.init_from and train.objective != "flow":
-        raise ValueError(f"train.init_from: pretrained transformer weights start the 'flow' objective, not "
-                         f"{train.objective!r}")
     batch = sections["data"].global_batch_size
     if batch % train.grad_accum_steps:
         raise ValueError(f"train.grad_accum_steps: {train.grad_accum_steps} does not divide "
@@ -232,7 +229,8 @@ def train_and_evaluate(config, workdir: str, writers: Sequence[metric_writers.Me
     def initial_state():
         if train_config.init_from:
             logging.info("Starting from %s", train_config.init_from)
-            return state_from_params(task, tx, train_config, mesh, pretrained_params(config, mesh), init_rng)
+            return state_from_params(task, tx, train_config, mesh,
+                                     pretrained_params(config, mesh, shardings=shardings.params), init_rng)
         return create_train_state(task, tx, train_config, mesh, init_rng)
 
     manager = checkpoint_manager(workdir, train_config)

@@ -43,10 +43,11 @@ class TrainConfig:
     Learning rate: linear warmup from 0 over `warmup_steps`, then constant or cosine decay to
     `learning_rate · final_lr_fraction` at `num_steps`. `grad_clip_norm` 0 disables clipping, `ema_decay` 0 keeps
     no EMA parameters, `profile_steps` 0 runs no profiler. `checkpoint_every_steps` also bounds the work lost to a
-    crash; the last step is always saved. `init_from` starts a new run from pretrained transformer weights (a folder
-    written by `python -m hyvideo_jax.convert to-flax`, an official `.pt` or `*_fp8.pt`, a diffusers folder); the
-    workdir's own checkpoints take precedence when there are any. With evaluation data (data.eval_path or
-    data.eval_fraction) the run computes the validation loss (`hyvideo_jax.evaluate`, `config.eval`) every
+    crash; the last step is always saved. `init_from` starts a new run from pretrained weights of the objective's
+    model: for "flow" the transformer (a folder written by `python -m hyvideo_jax.convert to-flax`, an official
+    `.pt` or `*_fp8.pt`, a diffusers folder), for "vae" the VAE (a converted folder, PyTorch VAE weights, or a VAE
+    training workdir: its latest checkpoint, EMA parameters when it kept them); the workdir's own checkpoints take
+    precedence when there are any. With evaluation data (data.eval_path or data.eval_fraction) the run computes the validation loss (`hyvideo_jax.evaluate`, `config.eval`) every
     `eval_every_steps` (0: only) and at its final step. A step with a non-finite loss or gradient is skipped (the
     state unchanged); `max_consecutive_skips` such steps in a row stop the run (0: never). Compiled programs are
     cached in `compilation_cache_dir` (default WORKDIR/compilation_cache; "none": no cache) so that a restart
@@ -207,13 +208,50 @@ def state_from_params(task: Task, tx, config: TrainConfig, mesh, params, rng=Non
                        in_shardings=(weights, None), out_shardings=shardings)(params, rng)
 
 
-def pretrained_params(config, mesh, rules=LOGICAL_AXIS_RULES):
-    """`train.init_from`'s transformer weights, checked against `config.model` (same architecture, else an error
-    naming the fields), cast to its parameter dtype and placed on the mesh tensor by tensor."""
+def pretrained_params(config, mesh, rules=LOGICAL_AXIS_RULES, shardings=None):
+    """`train.init_from`'s weights of the objective's model, checked against `config.model` (or `config.vae.model`
+    for the VAE objective; same architecture, else an error naming the fields), cast to its parameter dtype and
+    placed on the mesh tensor by tensor (the VAE's onto `shardings`, the parameters' shardings)."""
+    train = TrainConfig.from_config(config.train)
+    if train.objective == "vae":
+        return pretrained_vae_params(config, train.init_from, shardings)
     from hyvideo_jax.convert.dit import load_dit_sharded
-    source = TrainConfig.from_config(config.train).init_from
-    _, params = load_dit_sharded(source, mesh, like=DiTConfig.from_config(config.model), strict=True, rules=rules)
+    _, params = load_dit_sharded(train.init_from, mesh, like=DiTConfig.from_config(config.model), strict=True,
+                                 rules=rules)
     return params
+
+
+# What a VAE's weights depend on; the others (scaling factor, tiling, compute dtype) may differ from the source's.
+VAE_ARCHITECTURE = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
+                    "norm_num_groups", "act_fn", "spatial_compression_ratio", "temporal_compression_ratio",
+                    "mid_block_add_attention")
+
+
+def pretrained_vae_params(config, source: str, shardings):
+    """The VAE weights of `source` (converted folder, PyTorch weights, or a VAE training workdir) for
+    `config.vae.model`, placed onto `shardings`."""
+    from hyvideo_jax.convert.flax_io import is_training_workdir, training_config, training_params
+    from hyvideo_jax.convert.vae import load_vae
+    from hyvideo_jax.models.vae import VAEConfig, init_params
+    like = VAEConfig.from_config(config.vae.model)
+    if is_training_workdir(source):
+        saved = VAEConfig.from_config(training_config(source)["vae"]["model"])
+    else:
+        saved, params = load_vae(source)
+    different = [f"{f} {getattr(saved, f)!r} (config: {getattr(like, f)!r})" for f in VAE_ARCHITECTURE
+                 if getattr(saved, f) != getattr(like, f)]
+    if different:
+        raise ValueError(f"train.init_from: {source} is another VAE architecture than vae.model: "
+                         f"{'; '.join(different)}")
+    dtype = jnp.dtype(like.param_dtype)
+    shapes = jax.eval_shape(lambda: init_params(like, jax.random.PRNGKey(0)))
+    targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), shapes, shardings)
+    if is_training_workdir(source):
+        params, description = training_params(source, targets)
+        logging.info("VAE weights: %s", description)
+        return params
+    return jax.tree.map(lambda x, t: jax.make_array_from_callback(
+        t.shape, t.sharding, lambda index: np.asarray(x, dtype)[index]), params, targets)
 
 
 def start_adapters(state: TrainState, config, mesh, shardings) -> TrainState:

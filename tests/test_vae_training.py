@@ -10,6 +10,8 @@ import pytest
 
 from configs import demo
 from hyvideo_jax import train
+from hyvideo_jax.config_fields import to_plain_dict
+from hyvideo_jax.convert.flax_io import save_flax_model
 from hyvideo_jax.data import pipeline
 from hyvideo_jax.data.prepare import PrepareConfig, decode_clip
 from hyvideo_jax.data.synthetic import write_dataset
@@ -125,3 +127,23 @@ def test_vae_loop_masks_padding_and_resumes_exactly(videos, tmp_path):
     assert [resumed_metrics[s]["loss"] for s in (3, 4)] == losses[2:]
     for a, b in zip(jax.tree.leaves(final.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # New runs from this run's weights (train.init_from: its workdir (EMA parameters if it kept them), or a converted
+    # folder of its raw parameters): step 1's loss is the loss of those weights.
+    weights = {workdir: jax.device_get(final.ema_params if final.ema_params is not None else final.params),
+               save_flax_model(str(tmp_path / "vae_folder"), "vae", to_plain_dict(VAEConfig.from_config(
+                   config.vae.model)), jax.device_get(final.params)): jax.device_get(final.params)}
+    for i, (source, params) in enumerate(weights.items()):
+        started = vae_config(videos, num_steps=1, init_from=source,
+                             compilation_cache_dir=str(tmp_path / "compilation_cache"))
+        train.train_and_evaluate(started, str(tmp_path / f"started_{i}"))
+        expected, _ = vae_loss(model, VAELossConfig.from_config(config.vae.loss), params, {"video": clips}, None)
+        first = train.read_metrics(str(tmp_path / f"started_{i}"))[1]["loss"]
+        print(f"init_from {source}: step 1 loss {first:.6f}, recomputed {float(expected):.6f}")
+        np.testing.assert_allclose(first, float(expected), rtol=1e-5)
+        assert abs(first - losses[0]) > 1e-3 * losses[0]   # not the seed's initial parameters
+    other = vae_config(videos, num_steps=1, init_from=workdir)
+    other.vae.model.latent_channels = 8
+    with pytest.raises(ValueError, match=r"train.init_from: .* another VAE architecture than vae.model: "
+                                         r"latent_channels 4 \(config: 8\)"):
+        train.train_and_evaluate(other, str(tmp_path / "other"))
