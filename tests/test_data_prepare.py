@@ -215,3 +215,21 @@ def test_synthetic_split_by_combination(tmp_path):
         synthetic.SyntheticConfig(exclude=(("circle", "pink", "left"),))
     with pytest.raises(ValueError, match="data.synthetic.combinations: .* also in data.synthetic.exclude"):
         synthetic.SyntheticConfig(exclude=held_out, combinations=held_out[:1])
+
+
+def test_synthetic_stills_show_their_scene_at_drawn_times(tmp_path):
+    """One-frame videos (stills) show the scene at a time of its motion drawn from (seed, i), not all at its start:
+    the VAE's stills cover every position its clips pass through."""
+    config = synthetic.SyntheticConfig(num_videos=6, sizes=((32, 32),), frames=(1,), seed=4)
+    synthetic.write_dataset(str(tmp_path / "stills"), config)
+    moved = 0
+    for i in range(6):
+        still, _ = prepare.decode_clip(str(tmp_path / "stills" / f"video-{i:05d}.mp4"),
+                                       prepare.PrepareConfig(fps=8.0, buckets=((1, 32, 32),)))
+        scene, offset = synthetic.scene_of(config, i)
+        at = float(np.random.default_rng([4, i, 1]).uniform())
+        assert still.shape == (1, 32, 32, 3)
+        assert np.abs(still - to_unit(synthetic.render(scene, 1, 32, 32, offset, at))).mean() < 0.04
+        start = synthetic.render(scene, 1, 32, 32, offset)
+        moved += np.abs(still - to_unit(start)).mean() > 0.01
+    assert moved >= 4

@@ -121,10 +121,11 @@ def scene_of(config: SyntheticConfig, index: int) -> tuple[Scene, float]:
     return scene, float(rng.uniform(-0.3, 0.3))
 
 
-def render(scene: Scene, frames: int, height: int, width: int, offset: float = 0.0) -> np.ndarray:
+def render(scene: Scene, frames: int, height: int, width: int, offset: float = 0.0, still_at: float = 0.0
+           ) -> np.ndarray:
     """uint8 video [frames, height, width, 3] of `scene`. The shape's centre moves along the direction of motion
     through the middle of the frame (shifted across it by `offset` in [-0.5, 0.5]), covering SPEEDS[speed] of
-    the way from one edge to the other."""
+    the way from one edge to the other; a single frame shows it at `still_at` (0 to 1) of that way."""
     diameter = SIZES[scene.size] * min(height, width)
     dy, dx = DIRECTIONS[scene.direction]
     travel = SPEEDS[scene.speed]
@@ -133,7 +134,7 @@ def render(scene: Scene, frames: int, height: int, width: int, offset: float = 0
     video[:] = BACKGROUNDS[scene.background]
     for t in range(frames):
         # progress from -travel/2 to +travel/2 of the extent along the motion axis, centred on the frame
-        progress = (t / max(frames - 1, 1) - 0.5) * travel
+        progress = ((t / (frames - 1) if frames > 1 else still_at) - 0.5) * travel
         cy = height / 2 + dy * progress * (height - diameter) + (dx != 0) * offset * (height - diameter)
         cx = width / 2 + dx * progress * (width - diameter) + (dy != 0) * offset * (width - diameter)
         r = diameter / 2
@@ -178,7 +179,8 @@ def write_dataset(out: str, config: "SyntheticConfig | Mapping[str, Any]") -> st
     """Write `num_videos` mp4 files and `captions.jsonl` into `out`; returns the captions path.
 
     Video i is `video-{i:05d}.mp4`, of size sizes[i % len(sizes)] and frames[i % len(frames)] frames; its scene
-    comes from (seed, i) (`scene_of`), so adding videos never changes the earlier ones.
+    comes from (seed, i) (`scene_of`), so adding videos never changes the earlier ones. A one-frame video (a still)
+    shows its scene at a time of the motion also drawn from (seed, i).
     """
     from etils import epath
     config = SyntheticConfig.from_config(config)
@@ -187,7 +189,9 @@ def write_dataset(out: str, config: "SyntheticConfig | Mapping[str, Any]") -> st
     for i in range(config.num_videos):
         scene, offset = scene_of(config, i)
         height, width = config.sizes[i % len(config.sizes)]
-        video = render(scene, config.frames[i % len(config.frames)], height, width, offset)
+        frames = config.frames[i % len(config.frames)]
+        still_at = float(np.random.default_rng([config.seed, i, 1]).uniform()) if frames == 1 else 0.0
+        video = render(scene, frames, height, width, offset, still_at)
         name = f"video-{i:05d}.mp4"
         write_mp4(str(epath.Path(out) / name), video, config.fps)
         lines.append(json.dumps({"video": name, "caption": scene.caption}))
