@@ -211,6 +211,15 @@ def test_synthetic_split_by_combination(tmp_path):
     captions = [json.loads(line)["caption"] for line in open(path)]
     words = [c.split() for c in captions]   # "a <size> <colour> <shape> moving <direction> <speed> on a ..."
     assert [(w[3], w[2], w[5]) for w in words] == [*held_out, *held_out, held_out[0]]
+    # Sizes, speeds and backgrounds drawn from given names only; the captions still name them.
+    plain = synthetic.SyntheticConfig(num_videos=40, shape_sizes=("large",), speeds=("quickly",),
+                                      backgrounds=("black",), exclude=held_out)
+    drawn = [synthetic.scene_of(plain, i)[0] for i in range(40)]
+    assert {(s.size, s.speed, s.background) for s in drawn} == {("large", "quickly", "black")}
+    assert len({s.combination for s in drawn}) > 20 and not {s.combination for s in drawn} & set(held_out)
+    assert drawn[0].caption.startswith("a large ") and drawn[0].caption.endswith(" quickly on a black background")
+    with pytest.raises(ValueError, match=r"data.synthetic.backgrounds: \['pink'\] are not among"):
+        synthetic.SyntheticConfig(backgrounds=("pink",))
     with pytest.raises(ValueError, match=r"data.synthetic.exclude: each entry must be \(shape, colour, direction\)"):
         synthetic.SyntheticConfig(exclude=(("circle", "pink", "left"),))
     with pytest.raises(ValueError, match="data.synthetic.combinations: .* also in data.synthetic.exclude"):

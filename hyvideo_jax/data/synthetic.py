@@ -36,7 +36,9 @@ Combination = tuple[str, str, str]               # (shape, colour, direction)
 class SyntheticConfig:
     """The `config.data.synthetic` section: how many videos, their frame sizes ((height, width) cycled), lengths
     in frames (cycled) and frame rate; which (shape, colour, direction) combinations are left out (`exclude`) or
-    are the only ones shown (`combinations`, cycled; empty: any)."""
+    are the only ones shown (`combinations`, cycled; empty: any); and the shape sizes, speeds and backgrounds drawn
+    from (`shape_sizes`, `speeds`, `backgrounds`: names of SIZES, SPEEDS, BACKGROUNDS; empty: all). Captions name
+    every attribute whichever are drawn from."""
     num_videos: int = 16
     sizes: tuple[tuple[int, int], ...] = ((64, 64), (48, 80))
     frames: tuple[int, ...] = (17, 25)
@@ -44,12 +46,17 @@ class SyntheticConfig:
     seed: int = 0
     exclude: tuple[Combination, ...] = ()
     combinations: tuple[Combination, ...] = ()
+    shape_sizes: tuple[str, ...] = ()
+    speeds: tuple[str, ...] = ()
+    backgrounds: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "sizes", tuple(tuple(int(v) for v in s) for s in self.sizes))
         object.__setattr__(self, "frames", tuple(int(f) for f in self.frames))
         for field in ("exclude", "combinations"):
             object.__setattr__(self, field, tuple(tuple(str(v) for v in c) for c in getattr(self, field)))
+        for field in ("shape_sizes", "speeds", "backgrounds"):
+            object.__setattr__(self, field, tuple(str(v) for v in getattr(self, field)))
         self.validate()
 
     def validate(self):
@@ -71,6 +78,10 @@ class SyntheticConfig:
                          f"{tuple(COLOURS)} and direction in {tuple(DIRECTIONS)}, got {combination}")
         if len(set(self.exclude)) == len(SHAPES) * len(COLOURS) * len(DIRECTIONS):
             fail("exclude", "leaves no (shape, colour, direction) combination to show")
+        for field, names in (("shape_sizes", SIZES), ("speeds", SPEEDS), ("backgrounds", BACKGROUNDS)):
+            unknown = [v for v in getattr(self, field) if v not in names]
+            if unknown:
+                fail(field, f"{unknown} are not among {tuple(names)}")
         excluded = set(self.exclude) & set(self.combinations)
         if excluded:
             fail("combinations", f"{sorted(excluded)} are also in data.synthetic.exclude")
@@ -100,13 +111,15 @@ class Scene:
                f"{self.background} background"
 
 
-def random_scene(rng: np.random.Generator, exclude=(), combination: Combination | None = None) -> Scene:
-    """Every attribute drawn uniformly, redrawn while (shape, colour, direction) is in `exclude`; `combination`
-    fixes those three instead."""
+def random_scene(rng: np.random.Generator, exclude=(), combination: Combination | None = None, shape_sizes=(),
+                 speeds=(), backgrounds=()) -> Scene:
+    """Every attribute drawn uniformly (sizes, speeds and backgrounds from the given names, or all), redrawn while
+    (shape, colour, direction) is in `exclude`; `combination` fixes those three instead."""
     def pick(options):
         return list(options)[int(rng.integers(len(options)))]
     while True:
-        scene = Scene(pick(SHAPES), pick(COLOURS), pick(SIZES), pick(DIRECTIONS), pick(SPEEDS), pick(BACKGROUNDS))
+        scene = Scene(pick(SHAPES), pick(COLOURS), pick(shape_sizes or SIZES), pick(DIRECTIONS),
+                      pick(speeds or SPEEDS), pick(backgrounds or BACKGROUNDS))
         if combination is not None:
             return dataclasses.replace(scene, shape=combination[0], colour=combination[1], direction=combination[2])
         if scene.combination not in exclude:
@@ -117,7 +130,7 @@ def scene_of(config: SyntheticConfig, index: int) -> tuple[Scene, float]:
     """Video `index`'s scene and its offset across the direction of motion, from (seed, index) alone."""
     rng = np.random.default_rng([config.seed, index])
     combination = config.combinations[index % len(config.combinations)] if config.combinations else None
-    scene = random_scene(rng, set(config.exclude), combination)
+    scene = random_scene(rng, set(config.exclude), combination, config.shape_sizes, config.speeds, config.backgrounds)
     return scene, float(rng.uniform(-0.3, 0.3))
 
 
