@@ -89,6 +89,7 @@ def test_grad_accumulation_equals_large_batch_and_nan_is_skipped():
 def test_vae_objective_trains_through_the_same_step():
     config = small_config(objective="vae", learning_rate=3e-3, grad_clip_norm=0.0)
     config.vae.loss.sample_posterior = False   # the posterior mean: a deterministic reconstruction to fit
+    config.vae.loss.update(l1_weight=0.0, l2_weight=1.0)   # L1 stalls near 0.86 of its start: a thin margin
     mesh = create_mesh(MeshConfig(ici=(1, 1, 1, 1)), jax.devices()[:1])
     train_config = train.TrainConfig.from_config(config.train)
     task = train.OBJECTIVES["vae"](config)
@@ -105,7 +106,7 @@ def test_vae_objective_trains_through_the_same_step():
         (state, metrics), _ = step(state, step.global_batch({"video": video}), jax.random.PRNGKey(0))
         losses.append(float(metrics["loss"]))
     print("VAE losses through train_step:", [round(x, 4) for x in losses[::5]], "last", round(losses[-1], 4))
-    assert np.mean(losses[-5:]) < 0.9 * losses[0]
+    assert np.mean(losses[-5:]) < 0.8 * losses[0]
 
 
 def test_loss_falls_and_checkpoint_restores_on_another_mesh(tmp_path):
