@@ -364,10 +364,8 @@ def main(argv):
         raise app.UsageError("--step and --follow exclude each other")
     config = f.config
     if config is None:   # the run's own config, as it started
-        import ml_collections
-
-        from hyvideo_jax.convert.flax_io import training_config
-        config = ml_collections.ConfigDict(training_config(f.workdir))
+        from hyvideo_jax.convert.flax_io import run_config
+        config = run_config(f.workdir)
     try:
         evaluate_workdir(config, f.workdir, step=f.step, follow=f.follow, samples=f.samples,
                          poll_seconds=f.poll_seconds, idle_timeout=f.idle_timeout)

@@ -526,10 +526,8 @@ def main(argv):
             if not f.workdir:
                 raise ValueError("give --config (e.g. configs/hunyuan_video_13b.py), or --workdir of a training run, "
                                  "whose config.json is used")
-            import ml_collections
-
-            from hyvideo_jax.convert.flax_io import training_config
-            config = ml_collections.ConfigDict(training_config(f.workdir))
+            from hyvideo_jax.convert.flax_io import run_config
+            config = run_config(f.workdir)
         with config.unlocked():
             if "sample" not in config:   # a config written before the section existed: the defaults
                 import ml_collections

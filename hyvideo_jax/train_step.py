@@ -40,18 +40,18 @@ PEAK_FLOPS = (("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), 
 class TrainConfig:
     """The `config.train` section.
 
-    Learning rate: linear warmup from 0 over `warmup_steps`, then constant or cosine decay to
-    `learning_rate · final_lr_fraction` at `num_steps`. `grad_clip_norm` 0 disables clipping, `ema_decay` 0 keeps
-    no EMA parameters, `profile_steps` 0 runs no profiler. `checkpoint_every_steps` also bounds the work lost to a
-    crash; the last step is always saved. `init_from` starts a new run from pretrained weights of the objective's
-    model: for "flow" the transformer (a folder written by `python -m hyvideo_jax.convert to-flax`, an official
-    `.pt` or `*_fp8.pt`, a diffusers folder), for "vae" the VAE (a converted folder, PyTorch VAE weights, or a VAE
-    training workdir: its latest checkpoint, EMA parameters when it kept them); the workdir's own checkpoints take
-    precedence when there are any. With evaluation data (data.eval_path or data.eval_fraction) the run computes the validation loss (`hyvideo_jax.evaluate`, `config.eval`) every
-    `eval_every_steps` (0: only) and at its final step. A step with a non-finite loss or gradient is skipped (the
-    state unchanged); `max_consecutive_skips` such steps in a row stop the run (0: never). Compiled programs are
-    cached in `compilation_cache_dir` (default WORKDIR/compilation_cache; "none": no cache) so that a restart
-    compiles nothing again; every bucket shape's step is compiled before step 1.
+    Learning rate: linear warmup from 0 over `warmup_steps`, then constant or cosine decay to `learning_rate ·
+    final_lr_fraction` at `num_steps`. `grad_clip_norm` 0 disables clipping, `ema_decay` 0 keeps no EMA parameters,
+    `profile_steps` 0 runs no profiler. `checkpoint_every_steps` also bounds the work lost to a crash; the last step
+    is always saved. `init_from` starts a new run from pretrained weights of the objective's model: for "flow" the
+    transformer (a folder written by `python -m hyvideo_jax.convert to-flax`, an official `.pt` or `*_fp8.pt`, a
+    diffusers folder), for "vae" the VAE (a converted folder, PyTorch VAE weights, or a VAE training workdir: its
+    latest checkpoint, EMA parameters when it kept them); the workdir's own checkpoints take precedence when there
+    are any. With evaluation data (data.eval_path or data.eval_fraction) the run computes the validation loss
+    (`hyvideo_jax.evaluate`, `config.eval`) every `eval_every_steps` (0: only) and at its final step. A step with a
+    non-finite loss or gradient is skipped (the state unchanged); `max_consecutive_skips` such steps in a row stop
+    the run (0: never). Compiled programs are cached in `compilation_cache_dir` (default WORKDIR/compilation_cache;
+    "none": no cache) so that a restart compiles nothing again; every bucket shape's step is compiled before step 1.
     """
     objective: str = "flow"
     num_steps: int = 1000
@@ -234,7 +234,8 @@ def pretrained_vae_params(config, source: str, shardings):
     from hyvideo_jax.convert.vae import load_vae
     from hyvideo_jax.models.vae import VAEConfig, init_params
     like = VAEConfig.from_config(config.vae.model)
-    if is_training_workdir(source):
+    workdir = is_training_workdir(source)
+    if workdir:   # its checkpoint is restored below, straight onto the shardings
         saved = VAEConfig.from_config(training_config(source)["vae"]["model"])
     else:
         saved, params = load_vae(source)
@@ -246,7 +247,7 @@ def pretrained_vae_params(config, source: str, shardings):
     dtype = jnp.dtype(like.param_dtype)
     shapes = jax.eval_shape(lambda: init_params(like, jax.random.PRNGKey(0)))
     targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), shapes, shardings)
-    if is_training_workdir(source):
+    if workdir:
         params, description = training_params(source, targets)
         logging.info("VAE weights: %s", description)
         return params

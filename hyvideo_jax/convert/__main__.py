@@ -20,18 +20,16 @@ import jax
 
 from hyvideo_jax.convert.dit import load_torch_dit, save_torch_dit
 from hyvideo_jax.convert.flax_io import (is_flax_model, is_training_workdir, load_flax_model, save_flax_model,
-                                         training_config, training_params)
+                                         run_config, training_config, training_params)
 from hyvideo_jax.models.dit import DiTConfig
 
 
 def _load(args):
     if is_training_workdir(args.src):
-        import ml_collections
-
         from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
         from hyvideo_jax.convert.dit_sources import load_dit
         # The run's weights as the sampler reads them (a LoRA run's adapters merged into its base), on one device.
-        config = ml_collections.ConfigDict(training_config(args.src))
+        config = run_config(args.src)
         mesh = create_mesh(MeshConfig(ici=(1, 1, 1, 1)), jax.devices()[:1])
         cfg, params, description = load_dit(config, workdir=args.src, step=args.step, use_ema=args.ema,
                                             require_ema=args.ema, mesh=mesh)

@@ -65,6 +65,12 @@ def training_config(workdir) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def run_config(workdir):
+    """`training_config(workdir)` as the ConfigDict the commands take for `--config`."""
+    import ml_collections
+    return ml_collections.ConfigDict(training_config(workdir))
+
+
 def _checkpoints(workdir) -> ocp.CheckpointManager:
     """A read-only manager of WORKDIR/checkpoints (close it after use)."""
     directory = resolve(workdir) / "checkpoints"
