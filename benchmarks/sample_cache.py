@@ -2,7 +2,7 @@
 
 A small random DiT (2 double + 14 single blocks, 256 image tokens, batch 1, no true CFG), 20 steps. The first-block
 threshold is searched (bisection, every try the same compiled program) until 7 of 20 steps are computed; then the
-uncached loop (`sample.denoise`) and the cached one are timed (best of --repeats, after compiling) and the ratio
+uncached loop (`denoise.denoise`) and the cached one are timed (best of --repeats, after compiling) and the ratio
 printed (target ≥ 2×), with the number of compiled variants of the cached loop (1: no recompilation across
 thresholds and skip patterns).
 
@@ -18,7 +18,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hyvideo_jax import sample, sample_cache  # noqa: E402
+from hyvideo_jax import sample_cache  # noqa: E402
+from hyvideo_jax.denoise import denoise  # noqa: E402
 from hyvideo_jax.models.dit import HunyuanVideoDiT  # noqa: E402
 from tests.test_dit_model import example_inputs, random_init, tiny_config  # noqa: E402
 
@@ -62,7 +63,7 @@ def main():
             times.append(time.perf_counter() - start)
         return min(times)
 
-    uncached = lambda: sample.denoise(model, params, noise, *cond, **kw, progress=False)  # noqa: E731
+    uncached = lambda: denoise(model, params, noise, *cond, **kw, progress=False)  # noqa: E731
     jax.block_until_ready(uncached())
     t_plain = best(uncached)
     t_cached = best(lambda: cached(threshold).latents)

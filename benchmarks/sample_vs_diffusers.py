@@ -1,4 +1,4 @@
-"""Our jitted sampling loop (`sample.denoise`, all steps in one program) against diffusers' HunyuanVideoPipeline on
+"""Our jitted sampling loop (`denoise.denoise`, all steps in one program) against diffusers' HunyuanVideoPipeline on
 the same CPU, transformer weights, prompt embeddings, mask, pooled vector and initial noise.
 
 Both integrate N Euler steps (shift 7, embedded guidance 6.0) from the same noise to latents (no text encoders, no
@@ -26,8 +26,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline  # n
 
 from benchmarks import dit_vs_diffusers  # noqa: E402
 from benchmarks.dit_vs_diffusers import best_of  # noqa: E402
-from hyvideo_jax import sample  # noqa: E402
 from hyvideo_jax.convert import load_torch_dit  # noqa: E402
+from hyvideo_jax.denoise import denoise  # noqa: E402
 from hyvideo_jax.models.attention import BACKENDS  # noqa: E402
 from hyvideo_jax.models.dit import HunyuanVideoDiT  # noqa: E402
 from tests.dit_reference import TINY, diffusers_dit, relative_error  # noqa: E402
@@ -92,7 +92,7 @@ def bench(name, true_cfg, args):
     cond_j, negative_j = to_jax(cond), None if negative is None else to_jax(negative)
 
     def ours():
-        return jax.block_until_ready(sample.denoise(
+        return jax.block_until_ready(denoise(
             model, params, x, *cond_j, steps=args.steps, shift=SHIFT, guidance=GUIDANCE, negative=negative_j,
             true_cfg_scale=scale, progress=False))
 

@@ -283,7 +283,7 @@ def compile_train_step(config, topology: str, *, frames: int, height: int, width
 
 def compile_sample_step(config, topology: str, *, frames: int, height: int, width: int, batch: int | None = None,
                         true_cfg: bool = False) -> tuple[AOTReport, dict[str, float]]:
-    """AOT-compile one denoising step (`sample.denoise_step`: a DiT forward and the Euler update; with `true_cfg`
+    """AOT-compile one denoising step (`denoise.denoise_step`: a DiT forward and the Euler update; with `true_cfg`
     the prompts and the negative prompts run as one batch of 2 × batch) of `config` for a TPU topology at a video
     size in pixels. Parameters in the compute dtype (model.dtype), placed by the rules table (FSDP); no remat;
     latents and text split over the batch axes. `batch` (videos) defaults to one model row per data-parallel group
@@ -291,7 +291,7 @@ def compile_sample_step(config, topology: str, *, frames: int, height: int, widt
     and the model's FLOPs per step (forward only: matmul / attention / total)."""
     import flax.linen as nn
 
-    from hyvideo_jax import objectives, sample
+    from hyvideo_jax import denoise, objectives
     from hyvideo_jax.models.dit import DiTConfig
     from hyvideo_jax.parallel.sharding import abstract_params, param_shardings
 
@@ -322,7 +322,7 @@ def compile_sample_step(config, topology: str, *, frames: int, height: int, widt
 
     def step(*a):
         with nn_rules():
-            return sample.denoise_step(task.model, **dict(zip(names, a)))
+            return denoise.denoise_step(task.model, **dict(zip(names, a)))
     report = compile_report(step, tuple(args[k] for k in names), topology=topology, mesh=mesh,
                             in_shardings=tuple(shardings[k] for k in names), out_shardings=rows,
                             donate_argnums=(names.index("latents"),))

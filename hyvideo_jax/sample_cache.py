@@ -210,17 +210,17 @@ class CachedResult(NamedTuple):
 def denoise_cached(model: HunyuanVideoDiT, params, latents, text_states, text_mask, pooled_text, *, steps: int,
                    shift: float, guidance: float | None, cache: CacheConfig, negative=None,
                    true_cfg_scale: float = 1.0, mesh=None, rules=None, calibrate: bool = False) -> CachedResult:
-    """`sample.denoise` with a cache (`cache.kind` first_block or mag); arguments as there. `calibrate` (mag only):
+    """`denoise.denoise` with a cache (`cache.kind` first_block or mag); arguments as there. `calibrate` (mag only):
     compute every step and return the magnitude ratios (diffusers' `MagCacheConfig(calibrate=True)`)."""
     from hyvideo_jax import flow
     from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
     from hyvideo_jax.parallel.sharding import batch_sharding
-    from hyvideo_jax.sample import _pad_text, _text_triple, check_sequence_split, embedded_guidance
+    from hyvideo_jax.denoise import _pad_text, _text_triple, check_sequence_split, embedded_guidance
 
     rules = LOGICAL_AXIS_RULES if rules is None else rules
     cfg = model.config
     if not cache.active:
-        raise ValueError("denoise_cached needs a cache kind (first_block or mag); use sample.denoise without one")
+        raise ValueError("denoise_cached needs a cache kind (first_block or mag); use denoise.denoise without one")
     _check_depths(cfg)
     latents = jnp.asarray(latents, jnp.float32)
     if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:

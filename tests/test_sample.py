@@ -10,6 +10,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
 
 from hyvideo_jax import sample
 from hyvideo_jax.convert import load_torch_dit
+from hyvideo_jax.denoise import check_sequence_split, denoise
 from hyvideo_jax.models.dit import HunyuanVideoDiT
 from tests.dit_reference import TINY, diffusers_dit, relative_error
 
@@ -62,8 +63,8 @@ def pipeline_latents(transformer, noise, cond, *, steps, shift, guidance, negati
 
 def ours(model, params, noise, cond, **kw):
     np_ = lambda t: t.numpy()  # noqa: E731
-    out = sample.denoise(model, params, noise.permute(0, 2, 3, 4, 1).numpy(), *map(np_, cond), progress=False,
-                         **dict(kw, negative=None if kw.get("negative") is None else tuple(map(np_, kw["negative"]))))
+    out = denoise(model, params, noise.permute(0, 2, 3, 4, 1).numpy(), *map(np_, cond), progress=False,
+                  **dict(kw, negative=None if kw.get("negative") is None else tuple(map(np_, kw["negative"]))))
     return np.asarray(out)
 
 
@@ -101,14 +102,14 @@ def test_denoise_input_errors(reference):
     x = noise.permute(0, 2, 3, 4, 1).numpy()
     cond = tuple(t.numpy() for t in conditioning(4, valid=(5, 2)))
     with pytest.raises(ValueError, match="needs a negative prompt"):
-        sample.denoise(model, params, x, *cond, steps=2, shift=7.0, guidance=6.0, true_cfg_scale=2.0)
+        denoise(model, params, x, *cond, steps=2, shift=7.0, guidance=6.0, true_cfg_scale=2.0)
     with pytest.raises(ValueError, match="embeds a guidance scale"):
-        sample.denoise(model, params, x, *cond, steps=2, shift=7.0, guidance=None)
+        denoise(model, params, x, *cond, steps=2, shift=7.0, guidance=None)
     no_guidance = HunyuanVideoDiT(dataclasses.replace(model.config, guidance_embed=False))
     with pytest.raises(ValueError, match="has no guidance embedding"):
-        sample.denoise(no_guidance, params, x, *cond, steps=2, shift=7.0, guidance=6.0)
+        denoise(no_guidance, params, x, *cond, steps=2, shift=7.0, guidance=6.0)
     with pytest.raises(ValueError, match="channel-last"):
-        sample.denoise(model, params, noise.numpy(), *cond, steps=2, shift=7.0, guidance=6.0)
+        denoise(model, params, noise.numpy(), *cond, steps=2, shift=7.0, guidance=6.0)
 
 
 # ---------------------------------------------------------------------------------------------- decode (acceptance 2)
@@ -185,7 +186,7 @@ def sharded_reference():
             rng.standard_normal((2, cfg.pooled_text_dim)).astype(np.float32))
     negative = (rng.standard_normal((1, 5, cfg.text_states_dim)).astype(np.float32), np.array([[1, 1, 0, 0, 0]]),
                 rng.standard_normal((1, cfg.pooled_text_dim)).astype(np.float32))
-    run = lambda m, p, mesh=None, **kw: np.asarray(sample.denoise(  # noqa: E731
+    run = lambda m, p, mesh=None, **kw: np.asarray(denoise(  # noqa: E731
         m, p, noise, *cond, steps=3, shift=7.0, guidance=6.0, progress=False, mesh=mesh, **kw))
     model = HunyuanVideoDiT(cfg)
     return cfg, params, run, negative, run(model, params), run(model, params, negative=negative, true_cfg_scale=2.5)
@@ -223,4 +224,4 @@ def test_sequence_axis_that_does_not_divide_the_tokens_is_named(sharded_referenc
     mesh = create_mesh(MeshConfig(ici=(1, 1, 8, 1)))
     with pytest.raises(ValueError, match=r"12 image tokens .* sequence axis of size 8; sequence sizes that divide "
                                          r"them: \[1, 2, 3, 4, 6, 12\]"):
-        sample.check_sequence_split(cfg, (3, 4, 4), mesh)
+        check_sequence_split(cfg, (3, 4, 4), mesh)

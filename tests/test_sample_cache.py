@@ -119,11 +119,11 @@ def test_first_block_cache_equals_diffusers(setup, true_cfg):
 
 
 def test_first_block_threshold_zero_is_the_uncached_sampler(setup):
-    from hyvideo_jax import sample
+    from hyvideo_jax.denoise import denoise
     _, model, params, noise, cond, _ = setup
     x = noise.permute(0, 2, 3, 4, 1).numpy()
-    plain = sample.denoise(model, params, x, *(t.numpy() for t in cond), steps=STEPS, shift=SHIFT, guidance=6.0,
-                           progress=False)
+    plain = denoise(model, params, x, *(t.numpy() for t in cond), steps=STEPS, shift=SHIFT, guidance=6.0,
+                    progress=False)
     got = ours(setup, sample_cache.CacheConfig(kind="first_block", threshold=0.0), False)
     assert got.computed.all() and np.array_equal(np.asarray(got.latents), np.asarray(plain))
 

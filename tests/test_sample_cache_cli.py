@@ -15,6 +15,7 @@ import pytest
 from configs import tiny
 from hyvideo_jax import sample, sample_cache
 from hyvideo_jax.convert.flax_io import save_flax_model
+from hyvideo_jax.denoise import latent_shape
 from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +98,7 @@ def test_calibrate_then_sample_with_each_cache(checkpoint, cli, capsys):
     ratios = written["ratios"][key]["mag_ratios"]
     assert calibrated.computed.all() and np.array_equal(np.float32(ratios), calibrated.mag_ratios[0])
     # the same inputs directly: the sampler's noise and text embeddings, on its mesh
-    latent = sample.latent_shape(sc.frames, sc.height, sc.width, sampler.dit_config, sampler.vae_config)
+    latent = latent_shape(sc.frames, sc.height, sc.width, sampler.dit_config, sampler.vae_config)
     inputs = (sampler.model, sampler.params, sampler.noise([sc.seed], latent),
               *sampler.text.encode_prompts([PROMPT], mode="video" if FRAMES > 1 else "image"))
     kw = dict(steps=sc.steps, shift=sc.shift, guidance=sc.guidance, mesh=sampler.mesh, rules=sampler.rules)

@@ -14,6 +14,7 @@ import pytest
 from configs import tiny
 from hyvideo_jax import sample, train
 from hyvideo_jax.convert.flax_io import save_flax_model
+from hyvideo_jax.denoise import denoise
 from hyvideo_jax.models.dit import DiTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,9 +165,8 @@ def test_pytorch_weights_directly(checkpoints):
     assert sampler.description.startswith("PyTorch weights")
     cfg, params = load_torch_dit(str(root / "torch_dit"), progress=False)
     text = sampler.text.encode_prompts(PROMPTS[:1])
-    want = sample.denoise(HunyuanVideoDiT(cfg), params, sampler.noise([0], result.latents.shape[1:]), *text,
-                          steps=2, shift=7.0, guidance=config.sample.guidance,
-                          progress=False)
+    want = denoise(HunyuanVideoDiT(cfg), params, sampler.noise([0], result.latents.shape[1:]), *text,
+                   steps=2, shift=7.0, guidance=config.sample.guidance, progress=False)
     np.testing.assert_allclose(result.latents, np.asarray(want), atol=1e-5)
     assert os.path.getsize(root / "t.mp4") > 0
 
