@@ -9,7 +9,8 @@ from diffusers import AutoencoderKLHunyuanVideo
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from hyvideo_jax.convert.vae import load_torch_vae
-from hyvideo_jax.models.vae import TILE_PRESETS, HunyuanVideoVAE, VAEConfig, block_causal_attention
+from hyvideo_jax.models.vae import (TILE_PRESETS, CausalConv3d, HunyuanVideoVAE, VAEConfig, block_causal_attention,
+                                    inflate_to_current_frame)
 from hyvideo_jax.vae_objective import VAELossConfig, kl_divergence, vae_loss
 
 TINY = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, layers_per_block=1, latent_channels=4)
@@ -156,3 +157,33 @@ def test_configs_build_the_released_and_tiny_vae():
     tiny_reference = AutoencoderKLHunyuanVideo(**{k: getattr(small, k) for k in TINY})
     assert sum(int(np.prod(s)) for s in param_shapes(small).values()) == sum(
         p.numel() for p in tiny_reference.parameters())
+
+
+def test_inflated_vae_keeps_stills_and_sees_only_the_current_frame(reference):
+    """inflate_to_current_frame: a still encodes and decodes as before; each inflated causal convolution's output
+    frame t is its output on frame t alone (not on frames t-2..t), for stride 1 and the strided downsampling."""
+    _, model, params = reference
+    inflated = inflate_to_current_frame(params)
+    rng = np.random.default_rng(0)
+    still = jnp.asarray(rng.uniform(-1, 1, (1, 1, 16, 16, 3)).astype(np.float32))
+    latents = model.apply({"params": params}, still, method=HunyuanVideoVAE.encode)
+    decoded = np.asarray(model.apply({"params": params}, latents, method=HunyuanVideoVAE.decode))
+    errors = (relative_error(model.apply({"params": inflated}, still, method=HunyuanVideoVAE.encode), latents),
+              relative_error(model.apply({"params": inflated}, latents, method=HunyuanVideoVAE.decode), decoded))
+    print(f"a still through the inflated VAE: encode {errors[0]:.1e}, decode {errors[1]:.1e} of the original's")
+    assert max(errors) < 1e-4   # fp32: the taps' sum is added in another order, amplified by the norms
+    assert relative_error(model.apply({"params": inflated}, still[:, :, ::-1], method=HunyuanVideoVAE.encode),
+                          latents) > 0.1   # the check can see a change
+
+    video = jnp.asarray(rng.standard_normal((1, 5, 8, 8, 6)).astype(np.float32))
+    for strides in ((1, 1, 1), (2, 2, 2)):
+        conv = CausalConv3d(4, 3, strides=strides)
+        conv_params = conv.init(jax.random.PRNGKey(1), video)["params"]
+        flat = inflate_to_current_frame(conv_params)
+        out = conv.apply({"params": flat}, video)
+        kept = range(0, 5, strides[0])
+        alone = jnp.concatenate([conv.apply({"params": flat}, video[:, t:t + 1])[:, :1] for t in kept], axis=1)
+        assert relative_error(out, np.asarray(alone)) < 1e-5
+        print(f"strides {strides}: inflated output vs frames alone {relative_error(out, np.asarray(alone)):.1e}, "
+              f"original {relative_error(conv.apply({'params': conv_params}, video), np.asarray(alone)):.2f}")
+        assert relative_error(conv.apply({"params": conv_params}, video), np.asarray(alone)) > 0.1

@@ -483,3 +483,22 @@ def init_params(config: VAEConfig, rng, frames: int = 1, size: int | None = None
     video = jnp.zeros((1, frames, size, size, config.in_channels), jnp.float32)
     model = HunyuanVideoVAE(config)
     return nn.meta.unbox(model.init(rng, video))["params"]
+
+
+def inflate_to_current_frame(params):
+    """Parameters whose causal convolutions see only the current frame: each 3D kernel's temporal taps summed into
+    its last tap (the current frame's), the others zero; 1×1×1 kernels, biases and norms unchanged.
+
+    A VAE trained on stills (one-frame videos) learned only those sums: causal replicate padding shows every tap
+    the same frame. Inflated, it encodes and decodes a still exactly as before, and in a clip each frame's features
+    come from that frame alone (frames mix only through the normalization statistics and mid-block attention): latent
+    frame t holds frame 4t, the strided convolutions keeping every second frame, and a decoded latent frame is
+    repeated over its four frames. Training on clips then starts from the stills' reconstructions rather than from
+    random temporal taps, which otherwise undo what the stills taught (the image-to-video inflation of causal video
+    autoencoders)."""
+    def inflate(kernel):
+        kernel = jnp.asarray(kernel)
+        if kernel.ndim != 5 or kernel.shape[0] == 1:
+            return kernel
+        return jnp.zeros_like(kernel).at[-1].set(kernel.sum(axis=0))
+    return jax.tree.map(inflate, params)
