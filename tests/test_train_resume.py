@@ -1,4 +1,4 @@
-"""Exact resume through the CLI: a run killed with SIGKILL at two points (and stopped once by SIGTERM), restarted
+"""Exact resume through the CLI: a run killed with SIGKILL, then stopped by SIGTERM after it resumed, restarted
 each time, logs the same per-step losses, reads the same data and ends with bitwise the same state as an
 uninterrupted run; a half-written checkpoint left in the folder is never restored."""
 
@@ -33,13 +33,11 @@ def test_killed_runs_resume_bitwise(tmp_path):
 
     rc, first_kill = run(resumed, None, stop_after=4)
     assert rc == -signal.SIGKILL and first_kill < STEPS
-    rc, second_kill = run(resumed, None, stop_after=first_kill + 3)
-    assert rc == -signal.SIGKILL and second_kill < STEPS
     left_over = glob.glob(os.path.join(resumed, "checkpoints", "*.orbax-checkpoint-tmp*"))
-    rc, terminated = run(resumed, None, stop_after=second_kill + 2, sig=signal.SIGTERM)
+    rc, terminated = run(resumed, None, stop_after=first_kill + 3, sig=signal.SIGTERM)
     saved = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(resumed, "checkpoints", "[0-9]*"))
                    if os.path.basename(p).isdigit())
-    print(f"SIGKILL after steps {first_kill} and {second_kill} were logged (temporary checkpoint folders left: "
+    print(f"SIGKILL after step {first_kill} was logged (temporary checkpoint folders left: "
           f"{len(left_over)}), SIGTERM after step {terminated}: exit code {rc}, checkpoints {saved}")
     assert rc == 0 and saved[-1] >= terminated   # SIGTERM: the loop saves the step it reached and exits cleanly
 
@@ -68,7 +66,7 @@ def compilation_report(log_path):
     """Each start compiled both bucket shapes before step 1; the first start compiled them, every restart read
     them (and every other program) from the workdir's compilation cache, and nothing compiled mid-run."""
     starts = open(log_path).read().split("Compilation cache: ")[1:]
-    assert len(starts) == 4
+    assert len(starts) == 3
     for i, text in enumerate(starts):
         shapes = re.findall(r"train step for latents \(8, 2, 4, (\d), 4\): [0-9.]+ s \((compiled|from the "
                             r"compilation cache)\)", text)

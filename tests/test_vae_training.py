@@ -22,7 +22,7 @@ from hyvideo_jax.vae_objective import VAELossConfig, vae_loss
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    """Six 32×32 synthetic videos of 12 frames at 8 fps (the 9-frame bucket) and a corrupt file."""
+    """Six 32×32 synthetic videos of 12 frames at 8 fps (the 5-frame bucket) and a corrupt file."""
     folder = str(tmp_path_factory.mktemp("videos"))
     write_dataset(folder, dict(num_videos=6, sizes=((32, 32),), frames=(12,), fps=8.0))
     with open(os.path.join(folder, "broken.mp4"), "wb") as f:
@@ -36,7 +36,7 @@ def vae_config(folder, **train_overrides):
                         **train_overrides)
     config.vae.loss.sample_posterior = False
     config.data.update(source="videos", path=folder, global_batch_size=8)   # 6 videos: 2 padding slots per batch
-    config.data.prepare.buckets = ((9, 32, 32),)
+    config.data.prepare.buckets = ((5, 32, 32),)
     config.mesh.ici = (8, 1, 1, 1)
     return config
 
@@ -46,7 +46,7 @@ def test_video_source_batches_decoded_clips_and_leaves_out_broken_files(videos):
     it = pipeline.make_train_pipeline(config.data, 0, 1, seed=0)
     batch = next(it)
     assert sorted(batch) == sorted(pipeline.VIDEO_BATCH_KEYS)
-    assert batch["video"].shape == (8, 9, 32, 32, 3) and batch["valid"].sum() == 6
+    assert batch["video"].shape == (8, 5, 32, 32, 3) and batch["valid"].sum() == 6
     prepare = PrepareConfig.from_config(config.data.prepare)
     names = sorted(f for f in os.listdir(videos) if f.startswith("video-"))
     for slot in np.flatnonzero(batch["valid"]):
