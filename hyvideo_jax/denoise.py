@@ -163,17 +163,12 @@ def _pad_text(triple, length: int):
     return (jnp.pad(states, ((0, 0), (0, pad), (0, 0))), jnp.pad(mask, ((0, 0), (0, pad))), pooled)
 
 
-def denoise(model: HunyuanVideoDiT, params, latents, text_states, text_mask, pooled_text, *, steps: int,
-            shift: float, guidance: float | None, negative=None, true_cfg_scale: float = 1.0, progress: bool = True,
-            mesh=None, rules=LOGICAL_AXIS_RULES):
-    """The final latents [B, T, H, W, C] (fp32) from initial noise `latents` [B, T, H, W, C].
-
-    text_states [B, L, D], text_mask [B, L] (1 = token), pooled_text [B, Dp]: the prompts' conditioning (batch 1
-    is broadcast). `guidance`: the embedded guidance scale (e.g. 6.0; None for a model without guidance
-    embedding). `negative`: (text_states, text_mask, pooled_text) of the negative prompt, used when
-    `true_cfg_scale` > 1. `mesh`: run sharded on it (params already placed there). One jitted program; `progress`
-    shows a per-step bar.
-    """
+def denoise_inputs(model: HunyuanVideoDiT, latents, text_states, text_mask, pooled_text, *, steps: int,
+                   shift: float, guidance: float | None, negative=None, true_cfg_scale: float = 1.0, mesh=None,
+                   rules=LOGICAL_AXIS_RULES):
+    """The checked inputs of a denoising loop (`denoise`, `sample_cache.denoise_cached`; arguments as in
+    `denoise`): (latents fp32, cond, negative or None, the guidance input or None) on the mesh's batch axes when
+    `mesh` is given, and the σ schedule. Text triples are broadcast to the batch and padded to one length."""
     cfg = model.config
     latents = jnp.asarray(latents, jnp.float32)
     if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
@@ -203,10 +198,26 @@ def denoise(model: HunyuanVideoDiT, params, latents, text_states, text_mask, poo
         negative = _text_triple("negative", negative, b, cfg)
         length = max(cond[0].shape[1], negative[0].shape[1])
         cond, negative = _pad_text(cond, length), _pad_text(negative, length)
-    sigmas = jnp.asarray(flow.sigma_schedule(steps, shift))
     inputs = (latents, cond, negative, embedded_guidance(guidance, b))
     if mesh is not None:   # samples straight onto their devices (the model's 'batch' axes) rather than replicated
         inputs = jax.device_put(inputs, batch_sharding(mesh, rules, b))
+    return inputs, jnp.asarray(flow.sigma_schedule(steps, shift))
+
+
+def denoise(model: HunyuanVideoDiT, params, latents, text_states, text_mask, pooled_text, *, steps: int,
+            shift: float, guidance: float | None, negative=None, true_cfg_scale: float = 1.0, progress: bool = True,
+            mesh=None, rules=LOGICAL_AXIS_RULES):
+    """The final latents [B, T, H, W, C] (fp32) from initial noise `latents` [B, T, H, W, C].
+
+    text_states [B, L, D], text_mask [B, L] (1 = token), pooled_text [B, Dp]: the prompts' conditioning (batch 1
+    is broadcast). `guidance`: the embedded guidance scale (e.g. 6.0; None for a model without guidance
+    embedding). `negative`: (text_states, text_mask, pooled_text) of the negative prompt, used when
+    `true_cfg_scale` > 1. `mesh`: run sharded on it (params already placed there). One jitted program; `progress`
+    shows a per-step bar.
+    """
+    inputs, sigmas = denoise_inputs(model, latents, text_states, text_mask, pooled_text, steps=steps, shift=shift,
+                                    guidance=guidance, negative=negative, true_cfg_scale=true_cfg_scale, mesh=mesh,
+                                    rules=rules)
     args = (params, inputs[0], sigmas, *inputs[1:], jnp.float32(true_cfg_scale))
     run = functools.partial(_denoise_loop, model, progress=progress)
     if mesh is None:

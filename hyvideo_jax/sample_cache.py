@@ -36,7 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hyvideo_jax.denoise import denoise_inputs
 from hyvideo_jax.models.dit import HunyuanVideoDiT, run_layers
+from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
 
 KINDS = ("none", "first_block", "mag")
 RATIOS_FILE = "mag_ratios.json"
@@ -212,25 +214,10 @@ def denoise_cached(model: HunyuanVideoDiT, params, latents, text_states, text_ma
                    true_cfg_scale: float = 1.0, mesh=None, rules=None, calibrate: bool = False) -> CachedResult:
     """`denoise.denoise` with a cache (`cache.kind` first_block or mag); arguments as there. `calibrate` (mag only):
     compute every step and return the magnitude ratios (diffusers' `MagCacheConfig(calibrate=True)`)."""
-    from hyvideo_jax import flow
-    from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
-    from hyvideo_jax.parallel.sharding import batch_sharding
-    from hyvideo_jax.denoise import _pad_text, _text_triple, check_sequence_split, embedded_guidance
-
     rules = LOGICAL_AXIS_RULES if rules is None else rules
-    cfg = model.config
     if not cache.active:
         raise ValueError("denoise_cached needs a cache kind (first_block or mag); use denoise.denoise without one")
-    _check_depths(cfg)
-    latents = jnp.asarray(latents, jnp.float32)
-    if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
-        raise ValueError(f"latents must be [B, T, H, W, {cfg.in_channels}] (channel-last), got {latents.shape}")
-    if (guidance is None) == cfg.guidance_embed:
-        raise ValueError(f"guidance {guidance} does not fit model.guidance_embed={cfg.guidance_embed}")
-    if true_cfg_scale > 1 and negative is None:
-        raise ValueError(f"true_cfg_scale {true_cfg_scale} needs a negative prompt")
-    if true_cfg_scale == 1:
-        negative = None
+    _check_depths(model.config)
     ratios = np.ones(steps, np.float32)
     if cache.kind == "mag":
         if calibrate:
@@ -244,19 +231,12 @@ def denoise_cached(model: HunyuanVideoDiT, params, latents, text_states, text_ma
         raise ValueError("calibrate is for MagCache (cache kind mag)")
     else:
         threshold = threshold_below(cache.threshold)
-    b = latents.shape[0]
-    check_sequence_split(cfg, latents.shape[1:], mesh)
-    branches = [_text_triple("prompt", (text_states, text_mask, pooled_text), b, cfg)]
-    if negative is not None:
-        branches.append(_text_triple("negative", negative, b, cfg))
-        length = max(c[0].shape[1] for c in branches)
-        branches = [_pad_text(c, length) for c in branches]
-    sigmas = jnp.asarray(flow.sigma_schedule(steps, shift))
-    inputs = (latents, tuple(branches), embedded_guidance(guidance, b))
-    if mesh is not None:
-        inputs = jax.device_put(inputs, batch_sharding(mesh, rules, b))
+    (latents, cond, negative, guidance), sigmas = denoise_inputs(
+        model, latents, text_states, text_mask, pooled_text, steps=steps, shift=shift, guidance=guidance,
+        negative=negative, true_cfg_scale=true_cfg_scale, mesh=mesh, rules=rules)
+    branches = (cond,) if negative is None else (cond, negative)
     retention = int(cache.mag_retention * steps + 0.5)
-    args = (params, inputs[0], sigmas, inputs[1], inputs[2], jnp.float32(true_cfg_scale), jnp.float32(threshold),
+    args = (params, latents, sigmas, branches, guidance, jnp.float32(true_cfg_scale), jnp.float32(threshold),
             jnp.int32(cache.mag_max_skip_steps), jnp.int32(retention), jnp.asarray(ratios))
     start = time.perf_counter()
     if mesh is None:
