@@ -1,5 +1,5 @@
-"""Helpers for tests that run the training CLI in subprocesses: start it, signal it once a step is logged, read
-its final checkpoint."""
+"""Helpers for tests that run the training CLI in subprocesses: start it (or run its config in this process), signal it
+once a step is logged, read its final checkpoint."""
 
 import os
 import re
@@ -45,6 +45,21 @@ def start(workdir: str, cache_dir: str | None, args: list[str], devices: int = 8
     log = open(os.path.join(os.path.dirname(workdir), log_name or os.path.basename(workdir) + ".log"), "a")
     return subprocess.Popen([sys.executable, "-m", "hyvideo_jax.train", "--config=configs/tiny.py",
                              f"--workdir={workdir}", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_here(workdir: str, args: list[str]):
+    """What `start(workdir, None, args)` runs, in this process (its 8 simulated devices and XLA flags; no interpreter
+    to start, and programs this process compiled before are reused): the same command-line flags parsed into
+    configs/tiny.py, then `train.train_and_evaluate`. Returns the final TrainState."""
+    from absl import flags
+    from ml_collections import config_flags
+    argv = ["train", f"--config={ROOT}/configs/tiny.py", *args]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Training configuration.", flag_values=values, lock_config=True,
+                                    sys_argv=argv)   # the overrides to define as flags
+    values(argv)
+    assert jax.device_count() == 8
+    return train.train_and_evaluate(values.config, workdir)
 
 
 def signal_after(proc, workdir: str, step: int, sig, timeout: float = 300) -> int | None:

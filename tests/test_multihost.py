@@ -1,5 +1,6 @@
 """Multi-host training with two local processes (4 CPU devices each, joined by `jax.distributed` on localhost and
-gloo collectives), against one process with the same 8 devices: the same per-step losses and final state.
+gloo collectives), against one process with the same 8 devices (the test's own): the same per-step losses and final
+state.
 
 The two-process run is also preempted: SIGTERM reaches process 1 only, JAX's preemption service makes both agree
 on one step, both save it and exit cleanly, and the restarted pair finishes as if never stopped."""
@@ -12,7 +13,7 @@ import jax
 import numpy as np
 
 from hyvideo_jax import train
-from tests.cli_runs import final_state, free_port, overrides, signal_after, start
+from tests.cli_runs import final_state, free_port, overrides, run_here, signal_after, start
 
 STEPS = 8
 SHAPES = ((2, 4, 4),)   # one batch shape: one compile per run
@@ -42,8 +43,7 @@ def saved_steps(workdir):
 def test_two_processes_train_as_one_and_survive_preemption(tmp_path):
     cache = str(tmp_path / "compilation_cache")
     reference, pair = str(tmp_path / "reference"), str(tmp_path / "pair")
-    single = start(reference, cache, [*overrides(STEPS, SHAPES), "--config.data.eval_fraction=0.25"])
-    assert wait_all([single]) == [0]
+    run_here(reference, [*overrides(STEPS, SHAPES), "--config.data.eval_fraction=0.25"])   # one process, 8 devices
 
     procs = start_pair(pair, cache)
     preempted_after = signal_after(procs[1], pair, 2, signal.SIGTERM)

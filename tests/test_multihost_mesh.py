@@ -8,7 +8,7 @@ import pytest
 from hyvideo_jax import train
 from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
 from hyvideo_jax.parallel.sharding import batch_sharding, process_rows
-from tests.cli_runs import final_state, free_port, overrides, start
+from tests.cli_runs import final_state, free_port, overrides, run_here, start
 from tests.test_multihost import wait_all
 
 STEPS = 4
@@ -41,9 +41,9 @@ def test_the_meshes_make_processes_share_rows():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One process, 8 devices, the tiny config's FSDP mesh."""
+    """One process (this one), 8 devices, the tiny config's FSDP mesh."""
     workdir = str(tmp_path_factory.mktemp("reference") / "run")
-    assert wait_all([start(workdir, workdir + "_cache", overrides(STEPS, SHAPES))]) == [0]
+    run_here(workdir, overrides(STEPS, SHAPES))
     return workdir
 
 

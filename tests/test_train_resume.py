@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from hyvideo_jax import train
-from tests.cli_runs import final_state, overrides, signal_after, start
+from tests.cli_runs import final_state, overrides, run_here, signal_after, start
 
 STEPS = 12
 
@@ -27,9 +27,8 @@ def run(workdir, cache_dir, stop_after=None, sig=signal.SIGKILL):
 
 
 def test_killed_runs_resume_bitwise(tmp_path):
-    cache = str(tmp_path / "compilation_cache")
     reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
-    assert run(reference, cache)[0] == 0
+    run_here(reference, overrides(STEPS))   # uninterrupted, in this process: the same flags, devices and XLA flags
 
     rc, first_kill = run(resumed, None, stop_after=4)
     assert rc == -signal.SIGKILL and first_kill < STEPS
