@@ -39,3 +39,37 @@ def demo_clips(tmp_path_factory):
     """The demo's data at test size (tests/demo_data.py), prepared once per test process."""
     from tests.demo_data import make_demo_clips
     return make_demo_clips(str(tmp_path_factory.mktemp("demo")))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A 2-step training run of configs/tiny.py that keeps an EMA (decay 0.5; learning rate 0.05, so that EMA and
+    raw parameters differ clearly) on random latents of one shape, and a converted folder of the raw parameters it
+    returned: {"workdir", "converted"}. Trained once for all test processes (pytest-xdist workers share
+    the session's temporary folder; a file lock makes one of them train while the others wait). Tests read it only
+    (a test that writes into a run copies it first)."""
+    from filelock import FileLock
+
+    from hyvideo_jax import train
+    from hyvideo_jax.convert.flax_io import save_flax_model
+    from hyvideo_jax.models.dit import DiTConfig
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.train.num_steps = 2
+    config.train.ema_decay = 0.5
+    config.train.learning_rate = 0.05
+    config.data.random_latent_shapes = ((2, 4, 4),)
+    config.data.random_records = 8
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent   # the session's folder, above each worker's own
+    root = shared / "tiny_run"
+    with FileLock(str(shared / "tiny_run.lock")):
+        if not (root / "done").exists():
+            config.train.compilation_cache_dir = str(root / "compilation_cache")   # outside the run's folder
+            state = jax.device_get(train.train_and_evaluate(config, str(root / "run")))
+            save_flax_model(str(root / "converted"), "dit", DiTConfig.from_config(config.model).to_dict(),
+                            state.params)
+            (root / "done").write_text("")
+    return dict(workdir=str(root / "run"), converted=str(root / "converted"))

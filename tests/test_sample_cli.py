@@ -7,15 +7,12 @@ import subprocess
 import sys
 
 import av
-import jax
 import numpy as np
 import pytest
 
 from configs import tiny
-from hyvideo_jax import sample, train
-from hyvideo_jax.convert.flax_io import save_flax_model
+from hyvideo_jax import sample
 from hyvideo_jax.denoise import denoise
-from hyvideo_jax.models.dit import DiTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red square moves left", "a blue circle moves up"]
@@ -30,20 +27,31 @@ def sample_config(**sample_fields):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """A 2-step training run of the tiny model that keeps an EMA, and a converted folder of its raw parameters."""
-    root = tmp_path_factory.mktemp("sample_cli")
-    config = tiny.get_config()
-    config.train.num_steps = 2
-    config.train.ema_decay = 0.5
-    config.train.learning_rate = 0.05    # so that EMA and raw parameters differ clearly
-    config.data.random_latent_shapes = ((2, 4, 4),)
-    config.data.random_records = 8
-    workdir = str(root / "run")
-    state = jax.device_get(train.train_and_evaluate(config, workdir))
-    folder = save_flax_model(str(root / "converted"), "dit", DiTConfig.from_config(config.model).to_dict(),
-                             state.params)
-    return root, workdir, folder
+def checkpoints(tmp_path_factory, tiny_run):
+    """A folder for this module's outputs; the session's 2-step training run of the tiny model that keeps an EMA
+    (learning rate 0.05: EMA and raw parameters differ clearly), and a converted folder of its raw parameters."""
+    return tmp_path_factory.mktemp("sample_cli"), tiny_run["workdir"], tiny_run["converted"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_once():
+    """The random text encoders and VAE of configs/tiny.py (the same weights for the same config and seed) built
+    once for this module's samplers, as tests/test_sample_cache_cli.py does: building them took much of each
+    sampler's time. Weights from a file (--vae_weights) are keyed by their path."""
+    from hyvideo_jax import text
+    from hyvideo_jax.convert import vae
+    memo = {}
+
+    def once(key, build):
+        memo[key] = memo[key] if key in memo else build()
+        return memo[key]
+    load_vae, encoders = vae.load_vae, text.TextEncoders.from_config.__func__
+    patch = pytest.MonkeyPatch()
+    patch.setattr(vae, "load_vae", lambda *a, **k: once(("vae", repr(a), repr(k)), lambda: load_vae(*a, **k)))
+    patch.setattr(text.TextEncoders, "from_config", classmethod(lambda cls, config, *, mesh=None: once(
+        ("text", repr(config), repr(mesh)), lambda: encoders(cls, config, mesh=mesh))))
+    yield
+    patch.undo()
 
 
 def read_mp4(path):

@@ -116,9 +116,10 @@ def test_workdir_checkpoints_take_precedence(sources, tmp_path):
     assert int(resumed.step) == 3                # resumed at step 2; init_from was not even opened
 
 
-def test_training_workdir_exports_to_diffusers(tmp_path):
+def test_training_workdir_exports_to_diffusers(tiny_run, tmp_path):
     """`convert to-torch --src=WORKDIR [--ema]`: diffusers' from_pretrained loads the folder and gives our output
-    with the run's EMA (or raw) parameters."""
+    with the run's EMA (or raw) parameters (the session's 2-step run of the tiny model, EMA decay 0.5, learning
+    rate 0.05)."""
     from diffusers import HunyuanVideoTransformer3DModel
 
     from hyvideo_jax.convert.__main__ import main as convert_main
@@ -126,10 +127,8 @@ def test_training_workdir_exports_to_diffusers(tmp_path):
     from hyvideo_jax.convert.flax_io import training_params
     from hyvideo_jax.models.dit import HunyuanVideoDiT
     from tests.dit_reference import TINY, diffusers_forward, dit_inputs, jax_inputs, relative_error
-    workdir = str(tmp_path / "run")
-    config = small_config(num_steps=2, ema_decay=0.5, learning_rate=0.05)
-    train.train_and_evaluate(config, workdir)
-    cfg = DiTConfig.from_config(config.model)
+    workdir = tiny_run["workdir"]
+    cfg = DiTConfig.from_config(small_config().model)
     inputs = dit_inputs(TINY, valid=(6, 2))
     outputs = {}
     for ema in (True, False):
