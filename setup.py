@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
     "mediapy==1.2.7",             # contact sheets (PNG) and videos shown in notebooks
     "imageio-ffmpeg==0.8.1",      # an ffmpeg binary for mediapy's inline videos where the system has none
     "matplotlib==3.11.2",         # loss curves (the demo, the evaluation notebook)
+    "transformers==5.24.0",       # tokenizers (the demo's are built in code; released ones are read from folders)
 ]
 
 EXTRAS_REQUIRE = {
@@ -36,7 +37,6 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "diffusers==0.42.1",
         "peft==0.21.2",               # diffusers' LoRA loaders (the LoRA format tests)
-        "transformers==5.24.0",
         "safetensors==0.8.0",
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",        # the suite runs on both cores: XLA compiles are mostly single-threaded

@@ -4,12 +4,12 @@ the colour of the moving shape and the direction it moves in, read back from the
     colour, direction = read_scene(video)            # uint8 [F, H, W, 3] → ("red", "left"), None when unreadable
     rates = caption_following(videos, scenes)        # {"colour": 0.9, "direction": 0.8, "videos": 24}
 
-Per frame, the background is the median colour (the shape covers at most about an eighth of the frame) and the
-shape is every pixel farther than `threshold` from it. The colour is the named colour (`synthetic.COLOURS`) nearest
-to most shape pixels of the whole video; the direction is the one (`synthetic.DIRECTIONS`) closest to the shift of the
-shape's centroid from the first third of the frames to the last third, when that shift is at least `min_shift`
-pixels. Chance levels for a model that ignores its captions are 1/6 (colour) and 1/4 (direction) on captions that
-cover the colours and directions evenly.
+Per frame, the background is the median colour (the shape covers less than half of the frame: a huge square about
+a third) and the shape is every pixel farther than `threshold` from it. The colour is the named colour
+(`synthetic.COLOURS`) nearest to most shape pixels of the whole video; the direction is the one
+(`synthetic.DIRECTIONS`) closest to the shift of the shape's centroid from the first third of the frames to the last
+third, when that shift is at least `min_shift` pixels. Chance levels for a model that ignores its captions are 1/6
+(colour) and 1/4 (direction) on captions that cover the colours and directions evenly.
 """
 
 from typing import Sequence

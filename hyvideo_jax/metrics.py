@@ -9,19 +9,11 @@ from etils import epath
 METRICS_FILE = "metrics.jsonl"
 
 
-class JsonlWriter(metric_writers.MetricWriter):
-    """Scalars as JSON lines {"step": s, name: value, ...} appended to a file (local or gs://): readable without
-    TensorBoard (a notebook, a test). A resumed run appends again from its checkpoint, so the last line of a step
-    wins. Cloud objects cannot be appended to, so the writer keeps the file's text and writes it whole each time."""
-
-    def __init__(self, path: str):
-        self.path = epath.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.text = self.path.read_text() if self.path.exists() else ""
+class ScalarWriter(metric_writers.MetricWriter):
+    """A CLU writer that takes only scalars (`write_scalars`, for subclasses) and ignores everything else."""
 
     def write_scalars(self, step, scalars):
-        self.text += json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n"
-        self.path.write_text(self.text)
+        raise NotImplementedError
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -49,6 +41,21 @@ class JsonlWriter(metric_writers.MetricWriter):
 
     def close(self):
         pass
+
+
+class JsonlWriter(ScalarWriter):
+    """Scalars as JSON lines {"step": s, name: value, ...} appended to a file (local or gs://): readable without
+    TensorBoard (a notebook, a test). A resumed run appends again from its checkpoint, so the last line of a step
+    wins. Cloud objects cannot be appended to, so the writer keeps the file's text and writes it whole each time."""
+
+    def __init__(self, path: str):
+        self.path = epath.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.text = self.path.read_text() if self.path.exists() else ""
+
+    def write_scalars(self, step, scalars):
+        self.text += json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n"
+        self.path.write_text(self.text)
 
 
 def read_metrics(workdir: str) -> dict[int, dict[str, float]]:

@@ -53,11 +53,14 @@ LLM_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id
 CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
-def byte_tokenizer(special_tokens: Sequence[str], bos: str, eos: str, *, append_eos: bool, model_max_length: int):
+def byte_tokenizer(special_tokens: Sequence[str], bos: str, eos: str, *, append_eos: bool, model_max_length: int,
+                   words: Sequence[str] = ()):
     """A byte-level `PreTrainedTokenizerFast` built in code: ids 0..S-1 are `special_tokens`, then one id per byte.
 
-    Every string maps to its UTF-8 bytes (no merges), preceded by `bos` (and followed by `eos` if `append_eos`);
-    `eos` doubles as the padding token, as in CLIP's tokenizer.
+    Every string maps to its UTF-8 bytes, preceded by `bos` (and followed by `eos` if `append_eos`); `eos` doubles
+    as the padding token, as in CLIP's tokenizer. `words` get BPE merges that make each of them, with the space in
+    front of it, one token (as a trained BPE vocabulary has whole tokens for its frequent words, e.g. " red"): the
+    merges build " r", " re", " red" from the bytes, so any other text still tokenizes, byte by byte.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -65,8 +68,20 @@ def byte_tokenizer(special_tokens: Sequence[str], bos: str, eos: str, *, append_
     vocab = {tok: i for i, tok in enumerate(special_tokens)}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    merges = []
+    for word in words:
+        if not word or any(c.isspace() for c in word):
+            raise ValueError(f"tokenizer words must be non-empty and without spaces, got {word!r}")
+        chars = byte_level.pre_tokenize_str(" " + word)[0][0]   # " red" as byte-level characters: "Ġred"
+        token = chars[0]
+        for ch in chars[1:]:
+            if token + ch not in vocab:
+                merges.append((token, ch))
+                vocab[token + ch] = len(vocab)
+            token += ch
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(special_tokens))
     single = f"{bos} $A {eos}" if append_eos else f"{bos} $A"
@@ -196,15 +211,16 @@ class TextEncoders:
     @classmethod
     def demo(cls, llm_dim: int, clip_dim: int, *, seed: int = 0, text_len: int = 32, clip_len: int = 32,
              llm_layers: int = 4, llm_heads: int = 4, llm_kv_heads: int = 2, clip_layers: int = 2,
-             clip_heads: int = 2, mesh=None, rules=LOGICAL_AXIS_RULES):
+             clip_heads: int = 2, words: Sequence[str] = (), mesh=None, rules=LOGICAL_AXIS_RULES):
         """Small random-weight encoders with byte-level tokenizers: no files needed, same seed → same embeddings.
+        `words` are single tokens of both tokenizers (`byte_tokenizer`), e.g. the demo captions' vocabulary.
 
         The LLM runs the real templates (crop measured from its tokenizer) and returns its layer-(n-2) state.
         """
         llm_tok = byte_tokenizer(LLM_SPECIAL_TOKENS, "<|begin_of_text|>", "<|end_of_text|>", append_eos=False,
-                                 model_max_length=1 << 20)
+                                 model_max_length=1 << 20, words=words)
         clip_tok = byte_tokenizer(CLIP_SPECIAL_TOKENS, "<|startoftext|>", "<|endoftext|>", append_eos=True,
-                                  model_max_length=clip_len)
+                                  model_max_length=clip_len, words=words)
         if llm_dim % llm_heads or (llm_dim // llm_heads) % 2:
             raise ValueError(f"demo llm_dim {llm_dim} must split into llm_heads={llm_heads} heads of even size")
         llm_cfg = LlamaTextConfig(
@@ -234,13 +250,13 @@ class TextEncoders:
         known = {"demo", "seed", "llm_path", "clip_path", "llm_tokenizer_path", "clip_tokenizer_path", "text_len",
                  "clip_len", "crop_start_video", "crop_start_image", "hidden_state_skip_layer", "dtype",
                  "param_dtype", "llm_dim", "clip_dim", "llm_layers", "llm_heads", "llm_kv_heads", "clip_layers",
-                 "clip_heads"}
+                 "clip_heads", "words"}
         unknown = sorted(set(c) - known)
         if unknown:
             raise ValueError(f"unknown text config field(s) {unknown}; known fields are {sorted(known)}")
         if c.get("demo"):
             demo_keys = ("seed", "text_len", "clip_len", "llm_layers", "llm_heads", "llm_kv_heads", "clip_layers",
-                         "clip_heads")
+                         "clip_heads", "words")
             return cls.demo(c["llm_dim"], c["clip_dim"], mesh=mesh, **{k: c[k] for k in demo_keys if k in c})
         for field in ("llm_path", "clip_path"):
             if not c.get(field):

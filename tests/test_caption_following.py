@@ -53,3 +53,14 @@ def test_noise_and_still_shapes_read_as_nothing():
     assert read_scene(flat) == (None, None)
     with pytest.raises(ValueError, match="one scene per video"):
         caption_following([flat], [])
+
+
+def test_captions_parse_back_to_their_scenes():
+    cases = scenes()
+    assert [synthetic.Scene.from_caption(s.caption) for s in cases] == cases
+    words = set(synthetic.vocabulary())
+    assert all(set(s.caption.split()) <= words for s in cases) and len(words) == len(synthetic.vocabulary())
+    for bad in ("a large red circle moving left quickly on a black sky", "a huge red circle moving left quickly "
+                "on a black background", "a red circle"):
+        with pytest.raises(ValueError, match="not a synthetic caption"):
+            synthetic.Scene.from_caption(bad)

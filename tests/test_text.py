@@ -168,6 +168,24 @@ def test_input_errors(setup):
         TextEncoders.from_config(dict(demo=False, llm_path="", clip_path=""))
 
 
+def test_byte_tokenizer_words_are_single_tokens_and_other_text_stays_bytes():
+    from hyvideo_jax.data.synthetic import vocabulary
+    plain = byte_tokenizer(("<s>", "</s>"), "<s>", "</s>", append_eos=True, model_max_length=77)
+    worded = byte_tokenizer(("<s>", "</s>"), "<s>", "</s>", append_eos=True, model_max_length=77,
+                            words=vocabulary())
+    caption = "a large red circle moving right quickly on a black background"
+    tokens = worded.convert_ids_to_tokens(worded(caption)["input_ids"])
+    assert tokens == ["<s>", "a", *[f"Ġ{w}" for w in caption.split()[1:]], "</s>"]
+    for text in ("a redder cat, über 3 · 4", caption, " gray\n\nbackgrounds"):
+        ids = worded(text)["input_ids"]
+        assert worded.decode(ids, skip_special_tokens=True) == text
+        assert len(ids) <= len(plain(text)["input_ids"])
+    # Text without the words is tokenized byte by byte, with the same ids as without merges.
+    assert worded("über xyz")["input_ids"] == plain("über xyz")["input_ids"]
+    with pytest.raises(ValueError, match="without spaces"):
+        byte_tokenizer(("<s>", "</s>"), "<s>", "</s>", append_eos=True, model_max_length=77, words=("two words",))
+
+
 def test_demo_encoders_are_deterministic_and_distinct():
     config = tiny.get_config()
     captions = ["a cat on a sofa", "a dog on a sofa", "a cat on a sofa."]

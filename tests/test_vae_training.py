@@ -35,7 +35,8 @@ def vae_config(folder, **train_overrides):
     config.train.update(dict(objective="vae", learning_rate=3e-3, log_every_steps=1, async_checkpointing=False),
                         **train_overrides)
     config.vae.loss.sample_posterior = False
-    config.data.update(source="videos", path=folder, global_batch_size=8)   # 6 videos: 2 padding slots per batch
+    config.data.update(source="videos", path=folder, global_batch_size=8,   # 6 videos: 2 padding slots per batch
+                       eval_fraction=0.0, caption_dropout=0.0)
     config.data.prepare.buckets = ((5, 32, 32),)
     config.mesh.ici = (8, 1, 1, 1)
     return config

@@ -250,7 +250,7 @@ class VideoFileSource:
             logging.info("data: %d of %d video shapes from %s", len(outcomes), len(names), index)
         with ThreadPoolExecutor(max(1, threads)) as pool:   # the decoder releases the GIL
             probed = tqdm(pool.map(probe, todo), total=len(todo), desc=f"probe {folder}", unit="video",
-                          disable=not progress or not todo)
+                          disable=not progress or not todo, leave=False)
             outcomes.update(zip(todo, probed))
         if index and write_index and todo:
             write_json(index, {"settings": settings,

@@ -25,7 +25,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), 
            "white": (240, 240, 240), "purple": (150, 60, 200)}
 BACKGROUNDS = {"black": (10, 10, 10), "gray": (110, 110, 110)}
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.18, "large": 0.36}            # shape diameter as a fraction of the frame's shorter side
+SIZES = {"small": 0.18, "large": 0.36, "huge": 0.6}   # shape diameter as a fraction of the frame's shorter side
 SPEEDS = {"slowly": 0.5, "quickly": 1.0}         # fraction of the path covered over the clip
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 CAPTIONS = "captions.jsonl"
@@ -109,6 +109,27 @@ class Scene:
     def caption(self) -> str:
         return f"a {self.size} {self.colour} {self.shape} moving {self.direction} {self.speed} on a " \
                f"{self.background} background"
+
+    @classmethod
+    def from_caption(cls, caption: str) -> "Scene":
+        """The scene a caption describes (the inverse of `caption`); ValueError for any other text."""
+        words = caption.split()
+        if (len(words) != 11 or words[0] != "a" or words[4] != "moving" or words[7:9] != ["on", "a"]
+                or words[10] != "background"):
+            raise ValueError(f"not a synthetic caption: {caption!r}")
+        scene = cls(shape=words[3], colour=words[2], size=words[1], direction=words[5], speed=words[6],
+                    background=words[9])
+        for value, names in ((scene.shape, SHAPES), (scene.colour, COLOURS), (scene.size, SIZES),
+                             (scene.direction, DIRECTIONS), (scene.speed, SPEEDS), (scene.background, BACKGROUNDS)):
+            if value not in names:
+                raise ValueError(f"not a synthetic caption: {caption!r} ({value!r} is not among {tuple(names)})")
+        return scene
+
+
+def vocabulary() -> tuple[str, ...]:
+    """Every word a caption can use, once each, in a fixed order (e.g. whole-word tokens for the demo tokenizer)."""
+    words = ["a", *SIZES, *COLOURS, *SHAPES, "moving", *DIRECTIONS, *SPEEDS, "on", *BACKGROUNDS, "background"]
+    return tuple(dict.fromkeys(words))
 
 
 def random_scene(rng: np.random.Generator, exclude=(), combination: Combination | None = None, shape_sizes=(),
