@@ -4,13 +4,19 @@ the 32x32 bucket, so one latent shape (one compile per program)."""
 
 import os
 
-from configs import demo
+from configs import demo, tiny
 from hyvideo_jax.data import prepare, synthetic
 
 
 def demo_config(clips: str, num_videos: int = 16):
-    """configs/demo.py reading `clips`, with 9-frame 32x32 clips only (latents 3 x 4 x 4)."""
+    """configs/demo.py's data, text encoders and VAE reading `clips`, with 9-frame 32x32 clips only (latents
+    3 x 4 x 4), and the tiny transformer's model, training, flow and sampling settings (configs/tiny.py): what the
+    tests train is small, and neither caption dropout nor held-out clips are on unless a test sets them."""
     config = demo.get_config()
+    base = tiny.get_config()
+    for section in ("model", "train", "flow", "sample"):
+        config[section] = base[section]
+    config.data.update(caption_dropout=0.0, eval_fraction=0.0, global_batch_size=4)
     config.data.path = clips
     config.data.synthetic.num_videos = num_videos
     config.data.synthetic.frames = (12,)           # 9-frame clips at 8 fps
