@@ -380,10 +380,10 @@ def run(config, workdir: str, *, fast: bool = False, echo: Callable[[str], None]
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     state = check_workdir(workdir, config)
     demo = Demo(config, os.path.abspath(workdir))   # absolute: the run's config.json names the VAE and the clips
-    use_compilation_cache(demo.path("compilation_cache"))
     echo(f"hyvideo_jax demo{' (fast)' if fast else ''} in {workdir}; details in {os.path.join(workdir, LOG)}")
     start = time.perf_counter()
     with logs_to(os.path.join(workdir, LOG)):
+        use_compilation_cache(demo.path("compilation_cache"))
         for number, name in enumerate(STAGES, 1):
             label = f"[{number}/{len(STAGES)}] {name:<8}"
             if name in state["stages"]:
