@@ -60,7 +60,7 @@ def test_captions_parse_back_to_their_scenes():
     assert [synthetic.Scene.from_caption(s.caption) for s in cases] == cases
     words = set(synthetic.vocabulary())
     assert all(set(s.caption.split()) <= words for s in cases) and len(words) == len(synthetic.vocabulary())
-    for bad in ("a large red circle moving left quickly on a black sky", "a huge red circle moving left quickly "
+    for bad in ("a large red circle moving left quickly on a black sky", "a tiny red circle moving left quickly "
                 "on a black background", "a red circle"):
         with pytest.raises(ValueError, match="not a synthetic caption"):
             synthetic.Scene.from_caption(bad)
