@@ -92,8 +92,7 @@ def _llama_unused(name: str, cfg: LlamaTextConfig) -> bool:
 
 
 def _clip_entries(cfg: CLIPTextConfig) -> list[_Entry]:
-    d, f, h, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim
-    n = cfg.num_hidden_layers
+    d, n = cfg.hidden_size, cfg.num_hidden_layers
     entries = [
         _Entry(("token_embedding",), "embeddings.token_embedding.weight", (cfg.vocab_size, d), _identity),
         _Entry(("position_embedding",), "embeddings.position_embedding.weight", (cfg.max_position_embeddings, d),
@@ -101,7 +100,13 @@ def _clip_entries(cfg: CLIPTextConfig) -> list[_Entry]:
         _Entry(("final_layer_norm", "scale"), "final_layer_norm.weight", (d,), _identity),
         _Entry(("final_layer_norm", "bias"), "final_layer_norm.bias", (d,), _identity),
     ]
-    layer = "encoder.layers.{i}."
+    return entries + clip_layer_entries(cfg, n)
+
+
+def clip_layer_entries(cfg, n: int) -> list[_Entry]:
+    """The first `n` layers of a CLIP encoder (text or vision: the same block), stacked under "layers"."""
+    d, f, h, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim
+    layer, entries = "encoder.layers.{i}.", []
     for proj in ("q_proj", "k_proj", "v_proj"):
         entries.append(_Entry(("layers", proj, "kernel"), f"{layer}self_attn.{proj}.weight", (d, d),
                               _linear_in(h, hd), n))

@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyvideo_jax.convert.text_encoders import (_Entry, _identity, _import, _linear_in, _linear_out, _reshape,
-                                               _source_and_config)
+from hyvideo_jax.convert.text_encoders import _Entry, _identity, _import, _source_and_config, clip_layer_entries
 from hyvideo_jax.models.vision import CLIPVisionConfig, CLIPVisionTower, LlavaImageEncoder, LlavaVisionConfig
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
 
@@ -40,7 +39,7 @@ def _conv_to_patch(w):
 
 
 def _tower_entries(cfg: CLIPVisionConfig, num_layers: int, post_layernorm: bool) -> list[_Entry]:
-    d, f, h, hd, p = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim, cfg.patch_size
+    d, p = cfg.hidden_size, cfg.patch_size
     entries = [
         _Entry(("class_embedding",), "embeddings.class_embedding", (d,), _identity),
         _Entry(("patch_embedding", "kernel"), "embeddings.patch_embedding.weight", (d, cfg.num_channels, p, p),
@@ -55,21 +54,7 @@ def _tower_entries(cfg: CLIPVisionConfig, num_layers: int, post_layernorm: bool)
                     _Entry(("post_layernorm", "bias"), "post_layernorm.bias", (d,), _identity)]
     if not num_layers:
         return entries
-    n, layer = num_layers, "encoder.layers.{i}."
-    for proj in ("q_proj", "k_proj", "v_proj"):
-        entries.append(_Entry(("layers", proj, "kernel"), f"{layer}self_attn.{proj}.weight", (d, d),
-                              _linear_in(h, hd), n))
-        entries.append(_Entry(("layers", proj, "bias"), f"{layer}self_attn.{proj}.bias", (d,), _reshape(h, hd), n))
-    entries.append(_Entry(("layers", "out_proj", "kernel"), f"{layer}self_attn.out_proj.weight", (d, d),
-                          _linear_out(h, hd), n))
-    entries.append(_Entry(("layers", "out_proj", "bias"), f"{layer}self_attn.out_proj.bias", (d,), _identity, n))
-    for proj, shape in (("fc1", (f, d)), ("fc2", (d, f))):
-        entries.append(_Entry(("layers", proj, "kernel"), f"{layer}mlp.{proj}.weight", shape, np.transpose, n))
-        entries.append(_Entry(("layers", proj, "bias"), f"{layer}mlp.{proj}.bias", shape[:1], _identity, n))
-    for norm in ("layer_norm1", "layer_norm2"):
-        entries.append(_Entry(("layers", norm, "scale"), f"{layer}{norm}.weight", (d,), _identity, n))
-        entries.append(_Entry(("layers", norm, "bias"), f"{layer}{norm}.bias", (d,), _identity, n))
-    return entries
+    return entries + clip_layer_entries(cfg, num_layers)
 
 
 def _tower_unused(name: str, cfg: CLIPVisionConfig, num_layers: int) -> bool:

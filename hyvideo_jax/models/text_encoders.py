@@ -337,8 +337,12 @@ class LlamaTextModel(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LayerNorm block: x + attn(ln1(x)), then x + fc2(act(fc1(ln2(x))))."""
-    cfg: CLIPTextConfig
+    """Pre-LayerNorm block: x + attn(ln1(x)), then x + fc2(act(fc1(ln2(x)))). Causal attention (the text
+    encoder) or, with `causal` False, over all tokens (the vision tower, models/vision.py). Returns (x, x if
+    `stack_outputs` (every layer's output, stacked by the scan) else None)."""
+    cfg: Any   # CLIPTextConfig or vision.CLIPVisionConfig: the same block
+    causal: bool = True
+    stack_outputs: bool = False
 
     @nn.compact
     def __call__(self, x, q_segments, kv_segments):
@@ -348,13 +352,14 @@ class CLIPEncoderLayer(nn.Module):
         q = dense(heads, ("embed", "heads", "kv"), name="q_proj", **dt)(h)
         k = dense(heads, ("embed", "heads", "kv"), name="k_proj", **dt)(h)
         v = dense(heads, ("embed", "heads", "kv"), name="v_proj", **dt)(h)
-        a = attention(q, k, v, q_segments, kv_segments, causal=True, backend=cfg.attention_backend)
+        a = attention(q, k, v, q_segments, kv_segments, causal=self.causal, backend=cfg.attention_backend)
         x = x + dense(cfg.hidden_size, ("heads", "kv", "embed"), name="out_proj", axis=(-2, -1), **dt)(a)
         h = LayerNorm(affine=True, eps=cfg.layer_norm_eps, param_dtype=dt["param_dtype"], name="layer_norm2")(x)
         h = dense(cfg.intermediate_size, ("embed", "mlp"), name="fc1", **dt)(h)
         h = nn.with_logical_constraint(ACTIVATIONS[cfg.hidden_act](h), ("batch", "seq", "act_mlp"))
         x = x + dense(cfg.hidden_size, ("mlp", "embed"), name="fc2", **dt)(h)
-        return nn.with_logical_constraint(x, ("batch", "seq", "act_embed")), None
+        x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+        return x, (x if self.stack_outputs else None)
 
 
 class CLIPTextEncoder(nn.Module):

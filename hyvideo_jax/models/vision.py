@@ -32,9 +32,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from hyvideo_jax.config_fields import from_fields
-from hyvideo_jax.models.attention import attention
 from hyvideo_jax.models.layers import LayerNorm, dense, dtypes as _dtypes, scan_blocks
-from hyvideo_jax.models.text_encoders import ACTIVATIONS, _check_common
+from hyvideo_jax.models.text_encoders import ACTIVATIONS, CLIPEncoderLayer, _check_common
 
 SELECT_STRATEGIES = ("default", "full")
 
@@ -222,30 +221,11 @@ def check_images(images, cfg: CLIPVisionConfig):
                          f"{images.shape[1]}×{images.shape[2]} in shape {images.shape}")
 
 
-class CLIPVisionEncoderLayer(nn.Module):
-    """Pre-LayerNorm block: x + attn(ln1(x)), then x + fc2(act(fc1(ln2(x)))); attention over all tokens.
-
-    Returns (x, x): the carry and, stacked by the scan, every layer's output.
-    """
-    cfg: CLIPVisionConfig
-
-    @nn.compact
-    def __call__(self, x, q_segments, kv_segments):
-        cfg, dt = self.cfg, _dtypes(self.cfg)
-        heads = (cfg.num_attention_heads, cfg.head_dim)
-        h = LayerNorm(affine=True, eps=cfg.layer_norm_eps, param_dtype=dt["param_dtype"], name="layer_norm1")(x)
-        q = dense(heads, ("embed", "heads", "kv"), name="q_proj", **dt)(h)
-        k = dense(heads, ("embed", "heads", "kv"), name="k_proj", **dt)(h)
-        v = dense(heads, ("embed", "heads", "kv"), name="v_proj", **dt)(h)
-        q = nn.with_logical_constraint(q, ("batch", "seq", "act_heads", "act_kv"))
-        a = attention(q, k, v, q_segments, kv_segments, causal=False, backend=cfg.attention_backend)
-        x = x + dense(cfg.hidden_size, ("heads", "kv", "embed"), name="out_proj", axis=(-2, -1), **dt)(a)
-        h = LayerNorm(affine=True, eps=cfg.layer_norm_eps, param_dtype=dt["param_dtype"], name="layer_norm2")(x)
-        h = dense(cfg.intermediate_size, ("embed", "mlp"), name="fc1", **dt)(h)
-        h = nn.with_logical_constraint(ACTIVATIONS[cfg.hidden_act](h), ("batch", "seq", "act_mlp"))
-        x = x + dense(cfg.hidden_size, ("mlp", "embed"), name="fc2", **dt)(h)
-        x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
-        return x, x
+class CLIPVisionEncoderLayer(CLIPEncoderLayer):
+    """The CLIP text encoder's block (models/text_encoders.py) attending over all tokens, returning every layer's
+    output for the scan to stack."""
+    causal: bool = False
+    stack_outputs: bool = True
 
 
 class CLIPVisionTower(nn.Module):
