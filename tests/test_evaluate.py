@@ -146,4 +146,5 @@ def test_contact_sheet_shows_the_frames_of_the_mp4s(demo_clips, tmp_path):
     psnr = 10 * np.log10(255.0 ** 2 / np.mean(right ** 2))
     print(f"contact sheet vs decoded mp4 frames (luma): mean abs error {right.mean():.2f} levels, PSNR {psnr:.1f} dB;"
           f" against the neighbouring frames {wrong.mean():.2f} levels")
-    assert right.mean() < 3.0 and psnr > 35.0 and wrong.mean() > 3 * right.mean()
+    # Sheet tiles taken from the neighbouring frames would miss both the first and the last bound.
+    assert right.mean() < 3.0 and psnr > 35.0 and wrong.mean() > 2 * right.mean()
