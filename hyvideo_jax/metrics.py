@@ -10,10 +10,8 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class ScalarWriter(metric_writers.MetricWriter):
-    """A CLU writer that takes only scalars (`write_scalars`, for subclasses) and ignores everything else."""
-
-    def write_scalars(self, step, scalars):
-        raise NotImplementedError
+    """A CLU writer that takes only scalars and ignores everything else; subclasses define `write_scalars` (left
+    abstract by MetricWriter)."""
 
     def write_summaries(self, step, values, metadata=None):
         pass
