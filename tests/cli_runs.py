@@ -10,6 +10,7 @@ import time
 
 import jax
 import orbax.checkpoint as ocp
+import pytest
 
 from configs import tiny
 from hyvideo_jax import train
@@ -88,3 +89,22 @@ def final_state(workdir: str, steps: int, shapes=SHAPES):
     state, data = train.restore_checkpoint(manager, abstract)
     manager.close()
     return jax.device_get(state), data
+
+
+def encoders_built_once() -> pytest.MonkeyPatch:
+    """`convert.vae.load_vae` and `TextEncoders.from_config` memoized by their arguments (the same random weights
+    for the same config and seed; a --vae_weights file keyed by its path), for tests that build many samplers:
+    building them dominates each sampler's time. Undo the returned patch when done."""
+    from hyvideo_jax import text
+    from hyvideo_jax.convert import vae
+    memo = {}
+
+    def once(key, build):
+        memo[key] = memo[key] if key in memo else build()
+        return memo[key]
+    load_vae, encoders = vae.load_vae, text.TextEncoders.from_config.__func__
+    patch = pytest.MonkeyPatch()
+    patch.setattr(vae, "load_vae", lambda *a, **k: once(("vae", repr(a), repr(k)), lambda: load_vae(*a, **k)))
+    patch.setattr(text.TextEncoders, "from_config", classmethod(lambda cls, config, *, mesh=None: once(
+        ("text", repr(config), repr(mesh)), lambda: encoders(cls, config, mesh=mesh))))
+    return patch

@@ -52,20 +52,10 @@ def cli():
     and seed) are built once for all runs: building them dominated the test's time."""
     from absl import flags
 
-    from hyvideo_jax import text
-    from hyvideo_jax.convert import vae
+    from tests.cli_runs import encoders_built_once
     before = set(flags.FLAGS)
     sample.define_flags()
-    memo = {}
-
-    def once(key, build):
-        memo[key] = memo[key] if key in memo else build()
-        return memo[key]
-    load_vae, encoders = vae.load_vae, text.TextEncoders.from_config.__func__
-    patch = pytest.MonkeyPatch()
-    patch.setattr(vae, "load_vae", lambda *a, **k: once(("vae", repr(a), repr(k)), lambda: load_vae(*a, **k)))
-    patch.setattr(text.TextEncoders, "from_config", classmethod(
-        lambda cls, config, *, mesh=None: once(("text", repr(config)), lambda: encoders(cls, config, mesh=mesh))))
+    patch = encoders_built_once()
 
     def run(args, capsys):
         flags.FLAGS.unparse_flags()

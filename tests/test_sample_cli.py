@@ -38,18 +38,8 @@ def built_once():
     """The random text encoders and VAE of configs/tiny.py (the same weights for the same config and seed) built
     once for this module's samplers, as tests/test_sample_cache_cli.py does: building them took much of each
     sampler's time. Weights from a file (--vae_weights) are keyed by their path."""
-    from hyvideo_jax import text
-    from hyvideo_jax.convert import vae
-    memo = {}
-
-    def once(key, build):
-        memo[key] = memo[key] if key in memo else build()
-        return memo[key]
-    load_vae, encoders = vae.load_vae, text.TextEncoders.from_config.__func__
-    patch = pytest.MonkeyPatch()
-    patch.setattr(vae, "load_vae", lambda *a, **k: once(("vae", repr(a), repr(k)), lambda: load_vae(*a, **k)))
-    patch.setattr(text.TextEncoders, "from_config", classmethod(lambda cls, config, *, mesh=None: once(
-        ("text", repr(config), repr(mesh)), lambda: encoders(cls, config, mesh=mesh))))
+    from tests.cli_runs import encoders_built_once
+    patch = encoders_built_once()
     yield
     patch.undo()
 
