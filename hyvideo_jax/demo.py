@@ -299,16 +299,6 @@ def write_curves(path: str, workdir: str):
 
 
 # ------------------------------------------------------------------------------------------------------------ driver
-def flatten(tree, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def merge(config, overrides: dict):
     """`overrides` (nested dicts) written into `config` key by key; an unknown key fails."""
     for key, value in overrides.items():
@@ -330,6 +320,8 @@ def demo_config(config, fast: bool):
 def check_workdir(workdir: str, config) -> dict:
     """The workdir's stage record; a workdir started with another config is refused (naming what differs)."""
     from etils import epath
+
+    from hyvideo_jax.train import flatten
     path = epath.Path(workdir) / STATE
     wanted = json.loads(json.dumps(config.to_dict(), default=list))
     if not path.exists():
