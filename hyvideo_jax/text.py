@@ -51,6 +51,11 @@ OFFICIAL_CROP_START = {"video": 95, "image": 36}
 LLM_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                       "<|eot_id|>")
 CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+# The fields of a `config.text` section (`TextEncoders.from_config`).
+TEXT_FIELDS = frozenset({
+    "demo", "seed", "llm_path", "clip_path", "llm_tokenizer_path", "clip_tokenizer_path", "text_len", "clip_len",
+    "crop_start_video", "crop_start_image", "hidden_state_skip_layer", "dtype", "param_dtype", "llm_dim", "clip_dim",
+    "llm_layers", "llm_heads", "llm_kv_heads", "clip_layers", "clip_heads", "words"})
 
 
 def byte_tokenizer(special_tokens: Sequence[str], bos: str, eos: str, *, append_eos: bool, model_max_length: int,
@@ -211,14 +216,16 @@ class TextEncoders:
     @classmethod
     def demo(cls, llm_dim: int, clip_dim: int, *, seed: int = 0, text_len: int = 32, clip_len: int = 32,
              llm_layers: int = 4, llm_heads: int = 4, llm_kv_heads: int = 2, clip_layers: int = 2,
-             clip_heads: int = 2, words: Sequence[str] = (), mesh=None, rules=LOGICAL_AXIS_RULES):
+             clip_heads: int = 2, words: Sequence[str] = (), llm_extra_special_tokens: Sequence[str] = (), mesh=None,
+             rules=LOGICAL_AXIS_RULES):
         """Small random-weight encoders with byte-level tokenizers: no files needed, same seed → same embeddings.
-        `words` are single tokens of both tokenizers (`byte_tokenizer`), e.g. the demo captions' vocabulary.
+        `words` are single tokens of both tokenizers (`byte_tokenizer`), e.g. the demo captions' vocabulary;
+        `llm_extra_special_tokens` are added to the LLM's special tokens (e.g. LLaVA's `<image>`).
 
         The LLM runs the real templates (crop measured from its tokenizer) and returns its layer-(n-2) state.
         """
-        llm_tok = byte_tokenizer(LLM_SPECIAL_TOKENS, "<|begin_of_text|>", "<|end_of_text|>", append_eos=False,
-                                 model_max_length=1 << 20, words=words)
+        llm_tok = byte_tokenizer(LLM_SPECIAL_TOKENS + tuple(llm_extra_special_tokens), "<|begin_of_text|>",
+                                 "<|end_of_text|>", append_eos=False, model_max_length=1 << 20, words=words)
         clip_tok = byte_tokenizer(CLIP_SPECIAL_TOKENS, "<|startoftext|>", "<|endoftext|>", append_eos=True,
                                   model_max_length=clip_len, words=words)
         if llm_dim % llm_heads or (llm_dim // llm_heads) % 2:
@@ -247,13 +254,9 @@ class TextEncoders:
     def from_config(cls, config: Mapping[str, Any], *, mesh=None) -> "TextEncoders":
         """From `config.text` (see configs/*.py): demo encoders if `demo`, else folders `llm_path` / `clip_path`."""
         c = dict(config.to_dict() if hasattr(config, "to_dict") else config)
-        known = {"demo", "seed", "llm_path", "clip_path", "llm_tokenizer_path", "clip_tokenizer_path", "text_len",
-                 "clip_len", "crop_start_video", "crop_start_image", "hidden_state_skip_layer", "dtype",
-                 "param_dtype", "llm_dim", "clip_dim", "llm_layers", "llm_heads", "llm_kv_heads", "clip_layers",
-                 "clip_heads", "words"}
-        unknown = sorted(set(c) - known)
+        unknown = sorted(set(c) - TEXT_FIELDS)
         if unknown:
-            raise ValueError(f"unknown text config field(s) {unknown}; known fields are {sorted(known)}")
+            raise ValueError(f"unknown text config field(s) {unknown}; known fields are {sorted(TEXT_FIELDS)}")
         if c.get("demo"):
             demo_keys = ("seed", "text_len", "clip_len", "llm_layers", "llm_heads", "llm_kv_heads", "clip_layers",
                          "clip_heads", "words")

@@ -88,7 +88,13 @@ def _llama_unused(name: str, cfg: LlamaTextConfig) -> bool:
     m = re.match(r"layers\.(\d+)\.", name)
     if m:
         return int(m.group(1)) >= cfg.num_layers_run and int(m.group(1)) < cfg.num_hidden_layers
-    return name in ("lm_head.weight", "norm.weight") or name.endswith("rotary_emb.inv_freq")
+    return (name in ("lm_head.weight", "norm.weight") or name.endswith("rotary_emb.inv_freq")
+            or name.startswith(_LLAVA_IMAGE_PREFIXES))
+
+
+# The image side of a LLaVA checkpoint (read by `convert.vision.load_llava_vision`), beside its language model.
+_LLAVA_IMAGE_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.",
+                         "model.multi_modal_projector.")
 
 
 def _clip_entries(cfg: CLIPTextConfig) -> list[_Entry]:
@@ -212,7 +218,8 @@ def load_llama(source, config: "LlamaTextConfig | Mapping[str, Any] | None" = No
     else:
         cfg = LlamaTextConfig.from_hf(config, **overrides)
     shardings = None if mesh is None else sharding_table(LlamaTextModel(cfg), mesh, rules)
-    params = _import(src, _llama_entries(cfg), ("model.", "language_model.model.", "language_model."),
+    prefixes = ("model.language_model.", "model.", "language_model.model.", "language_model.")
+    params = _import(src, _llama_entries(cfg), prefixes,
                      lambda n: _llama_unused(n, cfg), "LLaMA", jnp.dtype(cfg.param_dtype), shardings)
     return cfg, params
 

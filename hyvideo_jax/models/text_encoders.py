@@ -263,12 +263,13 @@ def rope_inv_freq(cfg: LlamaTextConfig) -> np.ndarray:
 def apply_rotary(x, cos, sin):
     """Rotary embedding in the half-split layout of transformers (`rotate_half`), computed in fp32.
 
-    x [B, L, H, D]; cos, sin [L, D] (frequencies repeated as [f | f]).
+    x [B, L, H, D]; cos, sin [L, D] or [B, L, D] (frequencies repeated as [f | f]).
     """
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos[None, :, None] + rotated * sin[None, :, None]).astype(x.dtype)
+    cos, sin = (jnp.broadcast_to(c, (x.shape[0],) + c.shape[-2:])[:, :, None] for c in (cos, sin))
+    return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -305,8 +306,13 @@ class LlamaTextModel(nn.Module):
     config: LlamaTextConfig
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None):
-        """input_ids [B, L] int; attention_mask [B, L] (1 = token, 0 = padding), all ones if None."""
+    def __call__(self, input_ids, attention_mask=None, *, position_ids=None, image_features=None, image_mask=None):
+        """input_ids [B, L] int; attention_mask [B, L] (1 = token, 0 = padding), all ones if None.
+
+        `position_ids` [B, L] (default 0..L-1) place the rotary embedding. `image_features` [B, N, hidden_size]
+        replace the token embeddings where `image_mask` [B, L] is true, in order (LLaVA's merge of the projected
+        image features at its image tokens, `masked_scatter`): each row needs exactly N true positions.
+        """
         cfg, dt = self.config, _dtypes(self.config)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}")
@@ -319,11 +325,23 @@ class LlamaTextModel(nn.Module):
         table = _embedding(self, "embed_tokens", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                            dt["param_dtype"])
         x = jnp.take(table, input_ids, axis=0).astype(dt["dtype"])
+        if (image_features is None) != (image_mask is None):
+            raise ValueError("image_features and image_mask go together: pass both or neither")
+        if image_features is not None:
+            x = merge_image_features(x, image_features, image_mask)
         x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
 
-        freqs = np.arange(length, dtype=np.float32)[:, None] * rope_inv_freq(cfg)[None]
-        emb = np.concatenate([freqs, freqs], axis=-1)
-        cos, sin = jnp.asarray(np.cos(emb)), jnp.asarray(np.sin(emb))
+        if position_ids is None:
+            freqs = np.arange(length, dtype=np.float32)[:, None] * rope_inv_freq(cfg)[None]
+            emb = np.concatenate([freqs, freqs], axis=-1)
+            cos, sin = jnp.asarray(np.cos(emb)), jnp.asarray(np.sin(emb))
+        else:
+            if position_ids.shape != input_ids.shape:
+                raise ValueError(f"position_ids must have the shape of input_ids {input_ids.shape}, "
+                                 f"got {position_ids.shape}")
+            freqs = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+            emb = jnp.concatenate([freqs, freqs], axis=-1)
+            cos, sin = jnp.cos(emb), jnp.sin(emb)
         # Every query (padded ones too, as in transformers) sees the real keys up to its position: queries are all
         # segment 1 and padded keys segment 0.
         q_segments = jnp.ones((b, length), jnp.int32)
@@ -334,6 +352,21 @@ class LlamaTextModel(nn.Module):
         if cfg.apply_final_norm:
             x = RMSNorm(eps=cfg.rms_norm_eps, param_dtype=dt["param_dtype"], name="norm")(x)
         return x
+
+
+def merge_image_features(embeds, image_features, image_mask):
+    """embeds [B, L, D] with the rows of `image_features` [B, N, D] written, in order, where `image_mask` [B, L]
+    is true (each row of the mask has N true positions)."""
+    if image_features.ndim != 3 or image_features.shape[0] != embeds.shape[0] \
+            or image_features.shape[2] != embeds.shape[2]:
+        raise ValueError(f"image_features must be [B={embeds.shape[0]}, N, {embeds.shape[2]}], "
+                         f"got {image_features.shape}")
+    if image_mask.shape != embeds.shape[:2]:
+        raise ValueError(f"image_mask must be [B, L]={embeds.shape[:2]}, got {image_mask.shape}")
+    image_mask = image_mask.astype(bool)
+    slot = jnp.clip(jnp.cumsum(image_mask, axis=1) - 1, 0, image_features.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_features.astype(embeds.dtype), slot[..., None], axis=1)
+    return jnp.where(image_mask[..., None], gathered, embeds)
 
 
 class CLIPEncoderLayer(nn.Module):
