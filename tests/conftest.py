@@ -73,3 +73,19 @@ def tiny_run(tmp_path_factory):
                             state.params)
             (root / "done").write_text("")
     return dict(workdir=str(root / "run"), converted=str(root / "converted"))
+
+
+# Test files by their time on 2 CPU cores, longest first (CI durations; the demo's shortened run alone takes
+# minutes). pytest.ini's `--dist loadfile` hands each file whole to one xdist worker (a module's fixtures are built
+# once), in collection order: starting the long files first lets both workers finish together. Files not named here
+# take under a minute and follow in their usual order.
+SLOW_FILES = ("test_demo.py", "test_vae_tiling.py", "test_train.py", "test_multihost.py", "test_train_resume.py",
+              "test_vae_training.py", "test_multihost_mesh.py", "test_lora.py", "test_train_numerics.py",
+              "test_sample_cli.py", "test_aot.py", "test_train_init.py", "test_evaluate_follow.py",
+              "test_dit_model.py", "test_evaluate.py", "test_sample.py", "test_sample_cache_cli.py")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: each file keeps its order
