@@ -7,10 +7,20 @@ single-stream blocks (each stack an `nn.scan` over stacked parameters, optionall
 Latents are channel-last [B, T, H, W, C]; the prediction has the same layout (out_channels). Timesteps are
 1000·σ as floats [B]; `guidance` is the embedded guidance scale × 1000 [B] (the released pipelines round that
 product to bf16, e.g. 6.0 → 6016.0; callers do that, the model takes the value as given).
+
+Image-to-video (HunyuanVideo-I2V, `DiTConfig.image_condition_type`; the inputs are assembled by
+`hyvideo_jax.models.image_condition`):
+- "token_replace" ("HYVideo-T/2-I2V-16ch"): latents with frame 0 = the image latent. A second conditioning vector
+  time_in(0) + vector_in(pooled) (no guidance term) modulates the first latent frame's (H/p)·(W/p) image tokens in
+  every double block (image stream) and single block; text tokens and the final layer use the usual one. Same
+  parameters as the text-to-video model (diffusers' `HunyuanVideoTokenReplace*` blocks, the official
+  `i2v_condition_type="token_replace"`).
+- "latent_concat" ("HYVideo-T/2-I2V-33ch"): in_channels = 2·out_channels + 1 (noisy latents | image latent on
+  frame 0, zeros after | mask); the model is the text-to-video one with a wider patch embedding.
 """
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import einops
 import flax.linen as nn
@@ -27,6 +37,7 @@ from hyvideo_jax.models.splash_attention import SplashBlocks
 from hyvideo_jax.parallel.sequence import METHODS as SEQUENCE_PARALLEL_METHODS, joint_attention_split
 
 PADDING_SEGMENT = 2  # segment id of padded text tokens; image and valid text tokens are segment 1
+IMAGE_CONDITION_TYPES = (None, "token_replace", "latent_concat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +72,8 @@ class DiTConfig:
     splash_block_kv: int = 512
     splash_block_kv_compute: int = 512
     splash_fused_backward: bool = False
+    # Image-to-video variant (module docstring): None (text-to-video), "token_replace" or "latent_concat".
+    image_condition_type: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "rope_axes_dim", tuple(int(d) for d in self.rope_axes_dim))
@@ -112,6 +125,12 @@ class DiTConfig:
             fail("sequence_parallel", f"must be one of {SEQUENCE_PARALLEL_METHODS}, got {self.sequence_parallel!r}")
         if self.attention_backend not in BACKENDS:
             fail("attention_backend", f"must be one of {sorted(BACKENDS)}, got {self.attention_backend!r}")
+        if self.image_condition_type not in IMAGE_CONDITION_TYPES:
+            fail("image_condition_type", f"must be one of {IMAGE_CONDITION_TYPES} (None: text-to-video), "
+                 f"got {self.image_condition_type!r}")
+        if self.image_condition_type == "latent_concat" and self.in_channels != 2 * self.out_channels + 1:
+            fail("in_channels", f"image_condition_type 'latent_concat' reads noisy latents, the image latent and a "
+                 f"mask: in_channels must be 2·out_channels + 1 = {2 * self.out_channels + 1}, got {self.in_channels}")
 
     @classmethod
     def from_config(cls, config: "DiTConfig | Mapping[str, Any]") -> "DiTConfig":
@@ -149,6 +168,30 @@ def example_inputs(cfg: DiTConfig, batch: int = 1, text_len: int = 1, image_toke
     return (jnp.zeros((batch, cfg.patch_size_t, p, p * image_tokens, cfg.in_channels)), jnp.zeros((batch,)),
             jnp.zeros((batch, text_len, cfg.text_states_dim)), jnp.ones((batch, text_len), jnp.int32),
             jnp.zeros((batch, cfg.pooled_text_dim)), jnp.zeros((batch,)) if cfg.guidance_embed else None)
+
+
+class TokenReplaceVec(NamedTuple):
+    """The blocks' conditioning in a "token_replace" model (in place of the vector [B, D] of the other variants)."""
+    vec: jax.Array               # [B, D] time + pooled text (+ guidance): text tokens and the other image tokens
+    first_frame_vec: jax.Array   # [B, D] time_in(0) + pooled text: the first latent frame's image tokens
+    first_frame: jax.Array       # [N] bool over the image tokens: True for the first latent frame's
+
+
+def _split_vec(vec):
+    """(vec [B, D], first-frame vec [B, D] or None, first-frame mask [N] or None) of the blocks' `vec` argument."""
+    if isinstance(vec, TokenReplaceVec):
+        return vec.vec, vec.first_frame_vec, vec.first_frame
+    return vec, None, None
+
+
+def _per_token(values, first_frame_values, first_frame):
+    """Modulation values [B, D] as per-token values of the image tokens: [B, 1, D] (all tokens alike), or [B, N, D]
+    with the first frame's tokens taking `first_frame_values`. A per-token select rather than a slice and concat:
+    XLA fuses it into its consumers and the image tokens stay one array that sequence parallelism splits."""
+    if first_frame_values is None:
+        return [v[:, None] for v in values]
+    mask = first_frame[None, :, None]
+    return [jnp.where(mask, f[:, None], v[:, None]) for v, f in zip(values, first_frame_values)]
 
 
 def _qkv_layer(cfg: DiTConfig, name: str):
@@ -229,8 +272,11 @@ class DoubleStreamBlock(nn.Module):
     def __call__(self, carry, vec, cos, sin, text_segment_ids):
         cfg, dt = self.cfg, _dtypes(self.cfg)
         img, txt = carry
-        img_mod = Modulation(6, name="img_mod", **dt)(vec)
-        txt_mod = Modulation(6, name="txt_mod", **dt)(vec)
+        vec, first_frame_vec, first_frame = _split_vec(vec)
+        img_modulation = Modulation(6, name="img_mod", **dt)
+        img_mod = _per_token(img_modulation(vec),
+                             None if first_frame_vec is None else img_modulation(first_frame_vec), first_frame)
+        txt_mod = _per_token(Modulation(6, name="txt_mod", **dt)(vec), None, None)
 
         def stream_qkv(x, mod, prefix, seq):
             q, k, v = _qkv(modulate(LayerNorm()(x), mod[0], mod[1]), cfg, f"{prefix}_attn_qkv", seq)
@@ -247,9 +293,9 @@ class DoubleStreamBlock(nn.Module):
                                              splash=cfg.splash_blocks)
 
         def stream_out(x, a, mod, prefix, seq):
-            x = x + mod[2][:, None] * _out_proj(cfg, f"{prefix}_attn_proj")(a)
+            x = x + mod[2] * _out_proj(cfg, f"{prefix}_attn_proj")(a)
             h = modulate(LayerNorm()(x), mod[3], mod[4])
-            x = x + mod[5][:, None] * MLP(cfg.mlp_dim, seq=seq, name=f"{prefix}_mlp", **dt)(h)
+            x = x + mod[5] * MLP(cfg.mlp_dim, seq=seq, name=f"{prefix}_mlp", **dt)(h)
             return _residual(x, seq)
 
         img = stream_out(img, img_a, img_mod, "img", "seq")
@@ -272,7 +318,12 @@ class SingleStreamBlock(nn.Module):
     @nn.compact
     def __call__(self, carry, vec, cos, sin, text_segment_ids):
         cfg, dt = self.cfg, _dtypes(self.cfg)
-        shift, scale, gate = Modulation(3, name="modulation", **dt)(vec)
+        vec, first_frame_vec, first_frame = _split_vec(vec)
+        modulation = Modulation(3, name="modulation", **dt)
+        mod = modulation(vec)
+        img_shift, img_scale, img_gate = _per_token(
+            mod, None if first_frame_vec is None else modulation(first_frame_vec), first_frame)
+        txt_shift, txt_scale, txt_gate = _per_token(mod, None, None)
         qkv_in = _qkv_layer(cfg, "linear1_qkv")
         mlp_in = dense(cfg.mlp_dim, ("embed", "mlp"), name="linear1_mlp", **dt)
         q_norm = RMSNorm(name="q_norm", param_dtype=dt["param_dtype"], axis_name="kv")
@@ -280,21 +331,21 @@ class SingleStreamBlock(nn.Module):
         attn_out = _out_proj(cfg, "linear2_attn")
         mlp_out = dense(cfg.hidden_size, ("mlp", "embed"), name="linear2_mlp", use_bias=False, **dt)
 
-        def project(x, seq):
+        def project(x, seq, shift, scale):
             h = modulate(LayerNorm()(x), shift, scale)
             q, k, v = _split_qkv(qkv_in, h, seq)
             mlp = nn.with_logical_constraint(nn.gelu(mlp_in(h)), ("batch", seq, "act_mlp"))
             return q_norm(q), k_norm(k), v, mlp
 
-        img_q, img_k, img_v, img_mlp = project(carry[0], "seq")
-        txt_q, txt_k, txt_v, txt_mlp = project(carry[1], "text_seq")
+        img_q, img_k, img_v, img_mlp = project(carry[0], "seq", img_shift, img_scale)
+        txt_q, txt_k, txt_v, txt_mlp = project(carry[1], "text_seq", txt_shift, txt_scale)
         img_q, img_k = apply_rope(img_q, cos, sin), apply_rope(img_k, cos, sin)
         img_q, txt_q, img_k, txt_k, img_v, txt_v = _tag_qkv(img_q, txt_q, img_k, txt_k, img_v, txt_v)
         img_a, txt_a = joint_attention_split(img_q, txt_q, img_k, txt_k, img_v, txt_v, text_segment_ids,
                                              backend=cfg.attention_backend, method=cfg.sequence_parallel,
                                              splash=cfg.splash_blocks)
-        img = carry[0] + gate[:, None] * (attn_out(img_a) + mlp_out(img_mlp))
-        txt = carry[1] + gate[:, None] * (attn_out(txt_a) + mlp_out(txt_mlp))
+        img = carry[0] + img_gate * (attn_out(img_a) + mlp_out(img_mlp))
+        txt = carry[1] + txt_gate * (attn_out(txt_a) + mlp_out(txt_mlp))
         return (_residual(img), _residual(txt, "text_seq")), None
 
 
@@ -351,7 +402,8 @@ class HunyuanVideoDiT(nn.Module):
         """The prediction [B, T, H, W, C_out]. `blocks`, if given, replaces the two block stacks (for cached
         sampling): `blocks(img, txt, vec, cos, sin, text_segments) -> (img, aux)` maps the embedded streams to the
         image tokens the final layer reads (use `run_layers` on this model's stacked parameters for any range of
-        blocks); the call then returns (prediction, aux)."""
+        blocks, passing `vec` on as it comes: a [B, D] array, or a `TokenReplaceVec` for "token_replace" models);
+        the call then returns (prediction, aux)."""
         cfg, dt = self.config, _dtypes(self.config)
         timesteps = jnp.asarray(timesteps)
         guidance = None if guidance is None else jnp.asarray(guidance)
@@ -361,10 +413,16 @@ class HunyuanVideoDiT(nn.Module):
         grid = (t // pt, h // p, w // p)
         cos, sin = rope_tables(grid, cfg.rope_axes_dim, cfg.rope_theta)
 
-        vec = (VectorEmbedder(cfg.hidden_size, sinusoidal=True, name="time_in", **dt)(timesteps)
-               + VectorEmbedder(cfg.hidden_size, name="vector_in", **dt)(pooled_text))
+        time_in = VectorEmbedder(cfg.hidden_size, sinusoidal=True, name="time_in", **dt)
+        pooled = VectorEmbedder(cfg.hidden_size, name="vector_in", **dt)(pooled_text)
+        vec = time_in(timesteps) + pooled
         if cfg.guidance_embed:
             vec = vec + VectorEmbedder(cfg.hidden_size, sinusoidal=True, name="guidance_in", **dt)(guidance)
+        block_vec = vec   # what the blocks are conditioned on; the final layer reads `vec`
+        if cfg.image_condition_type == "token_replace":
+            first_frame = jnp.arange(grid[0] * grid[1] * grid[2]) < grid[1] * grid[2]
+            block_vec = TokenReplaceVec(vec, time_in(jnp.zeros_like(timesteps)) + pooled,
+                                        nn.with_logical_constraint(first_frame, ("seq",)))
 
         patches = einops.rearrange(latents, "b (t pt) (h ph) (w pw) c -> b (t h w) pt ph pw c", pt=pt, ph=p, pw=p)
         img = dense(cfg.hidden_size, (None, None, None, None, "embed"), name="img_in", axis=(-4, -3, -2, -1),
@@ -377,12 +435,13 @@ class HunyuanVideoDiT(nn.Module):
         if blocks is None:
             double = scan_blocks(DoubleStreamBlock, cfg, cfg.depth_double, "double_blocks", n_broadcast=4,
                                  remat_policy=remat)
-            (img, txt), _ = double((_residual(img), _residual(txt, "text_seq")), vec, cos, sin, text_segments)
+            (img, txt), _ = double((_residual(img), _residual(txt, "text_seq")), block_vec, cos, sin,
+                                   text_segments)
             single = scan_blocks(SingleStreamBlock, cfg, cfg.depth_single, "single_blocks", n_broadcast=4,
                                  remat_policy=remat)
-            (img, _), _ = single((img, txt), vec, cos, sin, text_segments)
+            (img, _), _ = single((img, txt), block_vec, cos, sin, text_segments)
         else:   # the stacks' parameters are read by `blocks` (through `run_layers`), not by modules here
-            img, aux = blocks(_residual(img), _residual(txt, "text_seq"), vec, cos, sin, text_segments)
+            img, aux = blocks(_residual(img), _residual(txt, "text_seq"), block_vec, cos, sin, text_segments)
 
         out = FinalLayer(cfg, name="final_layer")(img, vec)
         out = einops.rearrange(out, "b (t h w) pt ph pw c -> b (t pt) (h ph) (w pw) c",
@@ -397,7 +456,8 @@ STACKS = {"double_blocks": DoubleStreamBlock, "single_blocks": SingleStreamBlock
 def run_layers(cfg: DiTConfig, params, stack: str, start: int, stop: int, img, txt, vec, cos, sin, text_segments):
     """Layers [start, stop) of one block stack ("double_blocks" or "single_blocks") on the streams (img [B, N, D],
     txt [B, L, D]) → (img, txt): the stack's parameters `params[stack]` (stacked on a leading layer axis) sliced and
-    scanned, the same arithmetic as the full call (no remat: for inference)."""
+    scanned, the same arithmetic as the full call (no remat: for inference). `vec` is what the `blocks` hook was
+    given (a `TokenReplaceVec` for "token_replace" models)."""
     if not 0 <= start <= stop <= len(jax.tree.leaves(params[stack])[0]):
         raise ValueError(f"layers [{start}, {stop}) out of range for {stack}")
     if start == stop:

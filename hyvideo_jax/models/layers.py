@@ -100,8 +100,11 @@ class LayerNorm(nn.Module):
 
 
 def modulate(x, shift, scale):
-    """adaLN modulation `x * (1 + scale) + shift` with per-sample [B, D] shift/scale broadcast over tokens."""
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+    """adaLN modulation `x * (1 + scale) + shift` of tokens x [B, L, D]: per-sample [B, D] shift/scale broadcast over
+    tokens, or per-token [B, L, D] (or [B, 1, D]) ones."""
+    if shift.ndim == 2:
+        shift, scale = shift[:, None, :], scale[:, None, :]
+    return x * (1 + scale) + shift
 
 
 class Modulation(nn.Module):
