@@ -10,6 +10,8 @@
 an Orbax checkpoint + config.json. `to-torch` reads our folder or any PyTorch source and writes the chosen layout, so
 official ↔ diffusers works in one step. A training workdir is a source too (`--step=N`, default the latest; `--ema`
 for its EMA parameters), so what was trained exports in one step. Tensors stream one at a time with a progress bar.
+`--model=HYVideo-T/2-I2V-16ch` (a released transformer's name) says which model a PyTorch checkpoint holds where its
+tensors cannot: the image-to-video token_replace model has the text-to-video tensors.
 """
 
 import argparse
@@ -19,12 +21,15 @@ import sys
 import jax
 
 from hyvideo_jax.convert.dit import load_torch_dit, save_torch_dit
+from hyvideo_jax.convert.dit_configs import RELEASED
 from hyvideo_jax.convert.flax_io import (is_flax_model, is_training_workdir, load_flax_model, save_flax_model,
                                          run_config, training_config, training_params)
 from hyvideo_jax.models.dit import DiTConfig
 
 
 def _load(args):
+    if args.model and (is_training_workdir(args.src) or is_flax_model(args.src)):
+        raise ValueError(f"--model names the model of a PyTorch checkpoint; {args.src} brings its own config")
     if is_training_workdir(args.src):
         from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
         from hyvideo_jax.convert.dit_sources import load_dit
@@ -44,8 +49,8 @@ def _load(args):
     if is_flax_model(args.src):
         config, params = load_flax_model(args.src, kind="dit")
         return DiTConfig.from_config(config), params
-    return load_torch_dit(args.src, layout=args.layout_in, fp8_map=args.fp8_map, load_key=args.load_key,
-                          dtype=args.dtype)
+    return load_torch_dit(args.src, layout=args.layout_in, config=args.model, fp8_map=args.fp8_map,
+                          load_key=args.load_key, dtype=args.dtype)
 
 
 def _export_lora(args) -> tuple[str, int]:
@@ -89,6 +94,9 @@ def main(argv=None) -> int:
         p.add_argument("--load-key", default=None, help="sub-dict of the .pt holding the weights (default: module)")
         p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                        help="cast parameters (default: keep the checkpoint's dtype)")
+        p.add_argument("--model", choices=sorted(RELEASED), default=None,
+                       help="the released transformer a PyTorch --src holds (an official image-to-video "
+                            "token_replace checkpoint needs it: its tensors are the text-to-video ones)")
         if name == "to-torch":
             p.add_argument("--layout", choices=("diffusers", "official"), default="diffusers")
     p = sub.add_parser("lora-to-torch", help="a LoRA training workdir's adapters → a diffusers LoRA .safetensors")

@@ -7,7 +7,9 @@ Our parameter tree (see `hyvideo_jax.models.dit`) differs from the PyTorch layou
 slices and concatenations, all owned by the `_Group` table below; so every conversion is bit-exact. Block
 parameters are stacked on a leading axis (`nn.scan`); the table maps each PyTorch block to one slice of it.
 Conversion streams tensor by tensor (memory-mapped `.pt`, per-tensor safetensors), so it needs about one copy
-of the weights in RAM.
+of the weights in RAM. The image-to-video variants have the same tensors (the 33-channel one a wider `img_in`); which
+variant a checkpoint is comes with its config (`dit_configs`: diffusers' config.json, our side-car beside an official
+file, or a released transformer's name).
 """
 
 import dataclasses
@@ -21,6 +23,8 @@ import numpy as np
 from etils import epath
 from tqdm.auto import tqdm
 
+from hyvideo_jax.convert.dit_configs import (config_from_diffusers, config_to_diffusers, dtype_name, infer_config,
+                                             released_config)
 from hyvideo_jax.convert.dit_layouts import DiffusersAsOfficial, detect_layout, official_to_diffusers
 from hyvideo_jax.convert.torch_io import TensorSource, require_torch, to_numpy, to_torch, write_safetensors_folder
 from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT, example_inputs
@@ -185,96 +189,6 @@ def _set(tree, path, value):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# config ↔ checkpoint
-
-DIFFUSERS_CONFIG_KEYS = {  # diffusers config.json key → our DiTConfig field
-    "in_channels": "in_channels", "out_channels": "out_channels", "num_layers": "depth_double",
-    "num_single_layers": "depth_single", "num_refiner_layers": "depth_refiner", "mlp_ratio": "mlp_ratio",
-    "patch_size": "patch_size", "patch_size_t": "patch_size_t", "guidance_embeds": "guidance_embed",
-    "text_embed_dim": "text_states_dim", "pooled_projection_dim": "pooled_text_dim", "rope_theta": "rope_theta",
-    "rope_axes_dim": "rope_axes_dim",
-}
-
-
-def config_from_diffusers(d: Mapping[str, Any], **overrides) -> DiTConfig:
-    """Our config from a diffusers `HunyuanVideoTransformer3DModel` config.json dict."""
-    if d.get("qk_norm", "rms_norm") != "rms_norm":
-        raise ValueError(f"qk_norm={d['qk_norm']!r} is not supported (HunyuanVideo uses 'rms_norm')")
-    if d.get("image_condition_type") is not None:
-        raise ValueError(f"image_condition_type={d['image_condition_type']!r} (image-to-video variants) is not "
-                         "supported; only the text-to-video transformer is")
-    values = {ours: d[k] for k, ours in DIFFUSERS_CONFIG_KEYS.items() if k in d}
-    values["num_heads"] = d.get("num_attention_heads", 24)
-    values["hidden_size"] = values["num_heads"] * d.get("attention_head_dim", 128)
-    values.update(overrides)
-    return DiTConfig(**values)
-
-
-def config_to_diffusers(cfg: DiTConfig) -> dict[str, Any]:
-    """The diffusers config.json for our config."""
-    if not cfg.qkv_bias:
-        raise ValueError("diffusers' HunyuanVideoTransformer3DModel always has q/k/v biases; this config has "
-                         "qkv_bias=False")
-    if cfg.refiner_mlp_ratio != 4.0:
-        raise ValueError(f"diffusers' token refiner has MLP ratio 4; this config has refiner_mlp_ratio="
-                         f"{cfg.refiner_mlp_ratio}")
-    d = {"_class_name": "HunyuanVideoTransformer3DModel", "_diffusers_version": "0.42.1",
-         "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim, "qk_norm": "rms_norm",
-         "image_condition_type": None}
-    for k, ours in DIFFUSERS_CONFIG_KEYS.items():
-        v = getattr(cfg, ours)
-        d[k] = list(v) if isinstance(v, tuple) else v
-    return d
-
-
-def infer_config(source: Mapping[str, np.ndarray], **overrides) -> DiTConfig:
-    """A config from the tensor shapes of an official-layout source (RoPE settings are not stored in weights:
-    they default to the released model's and must be given in `overrides` for other head dims)."""
-    def shape(name):
-        if name not in source:
-            raise KeyError(f"cannot infer the config: the checkpoint lacks {name}")
-        return tuple(source.shape(name)) if hasattr(source, "shape") else tuple(source[name].shape)
-
-    def count(prefix, suffix):
-        n = 0
-        while f"{prefix}.{n}.{suffix}" in source:
-            n += 1
-        return n
-    hidden, c_in, pt, p, _ = shape("img_in.proj.weight")
-    depth_double = count("double_blocks", "img_mod.linear.weight")
-    depth_single = count("single_blocks", "modulation.linear.weight")
-    if depth_double:
-        head_dim = shape("double_blocks.0.img_attn_q_norm.weight")[0]
-        mlp_dim = shape("double_blocks.0.img_mlp.fc1.weight")[0]
-    elif depth_single:
-        head_dim = shape("single_blocks.0.q_norm.weight")[0]
-        mlp_dim = shape("single_blocks.0.linear1.weight")[0] - 3 * hidden
-    else:
-        raise ValueError("cannot infer the config: the checkpoint has no double or single blocks")
-    values = dict(
-        in_channels=c_in, out_channels=shape("final_layer.linear.weight")[0] // (pt * p * p), hidden_size=hidden,
-        num_heads=hidden // head_dim, mlp_ratio=mlp_dim / hidden, depth_double=depth_double, depth_single=depth_single,
-        depth_refiner=count("txt_in.individual_token_refiner.blocks", "norm1.weight"), patch_size=p, patch_size_t=pt,
-        refiner_mlp_ratio=(shape("txt_in.individual_token_refiner.blocks.0.mlp.fc1.weight")[0] / hidden
-                           if "txt_in.individual_token_refiner.blocks.0.mlp.fc1.weight" in source else 4.0),
-        text_states_dim=shape("txt_in.input_embedder.weight")[1], pooled_text_dim=shape("vector_in.in_layer.weight")[1],
-        guidance_embed="guidance_in.mlp.0.weight" in source,
-        qkv_bias=depth_double == 0 or "double_blocks.0.img_attn_qkv.bias" in source,
-        param_dtype=_dtype_name(source["img_in.proj.weight"].dtype),
-    )
-    values.update(overrides)
-    if "rope_axes_dim" not in values and head_dim != 128:
-        raise ValueError(f"head dim {head_dim} differs from the released model's 128: the RoPE split is not stored "
-                         "in the weights, pass config=... (with rope_axes_dim) to load_torch_dit")
-    return DiTConfig(**values)
-
-
-def _dtype_name(dtype) -> str:
-    name = np.dtype(dtype).name
-    return name if name in ("float32", "bfloat16", "float16") else "bfloat16"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # fp8 checkpoints
 
 
@@ -312,7 +226,7 @@ def _fp8_scales(fp8_map) -> Mapping[str, Any]:
 # public API
 
 
-def open_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTConfig | Mapping | None = None,
+def open_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTConfig | Mapping | str | None = None,
                    *, fp8_map=None, load_key: str | None = None, dtype: str | None = None
                    ) -> tuple[DiTConfig, Mapping[str, np.ndarray], str]:
     """(config, official-layout view of the tensors, description) of a PyTorch transformer checkpoint, reading only
@@ -340,6 +254,8 @@ def open_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTCon
         else None
     if config is None and sidecar and epath.Path(sidecar).exists():  # written by save_torch_dit(layout="official")
         config = DiTConfig.from_config(json.loads(epath.Path(sidecar).read_text()))
+    if isinstance(config, str):   # a released transformer: its architecture, the checkpoint's stored dtype
+        config = {k: v for k, v in released_config(config).to_dict().items() if k != "param_dtype"}
     overrides = config.to_dict() if isinstance(config, DiTConfig) else dict(config or {})
     if layout == "diffusers" and source.config is not None:
         cfg = config_from_diffusers(source.config, **overrides)
@@ -348,12 +264,12 @@ def open_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTCon
     else:
         cfg = infer_config(official, **overrides)
     if "param_dtype" not in overrides:  # the checkpoint's own dtype (fp8 runs as bf16, like the original)
-        stored = "bfloat16" if fp8_map is not None else _dtype_name(official["img_in.proj.weight"].dtype)
+        stored = "bfloat16" if fp8_map is not None else dtype_name(official["img_in.proj.weight"].dtype)
         cfg = dataclasses.replace(cfg, param_dtype=dtype or stored)
     return cfg, official, source.description
 
 
-def load_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTConfig | Mapping | None = None,
+def load_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTConfig | Mapping | str | None = None,
                    *, fp8_map=None, load_key: str | None = None, dtype: str | None = None,
                    progress: bool = True) -> tuple[DiTConfig, dict]:
     """Load a PyTorch HunyuanVideo transformer as (config, params).
@@ -362,8 +278,10 @@ def load_torch_dit(path_or_state_dict, layout: str | None = None, config: DiTCon
     sub-dict such as "ema"), a diffusers folder (config.json + safetensors, which supplies the config), a
     `.safetensors` file, or an in-memory state dict. `layout` ("official" | "diffusers") is detected when None.
     fp8 checkpoints: give `fp8_map` (the `*_fp8_map.pt` path or dict); a file named `*_fp8.pt` finds its map beside it.
-    `config` overrides or replaces the inferred config (a DiTConfig or a dict of fields). `dtype` casts the params
-    (default: keep the checkpoint's dtype). Params are NumPy arrays in our tree layout (stacked blocks).
+    `config` overrides or replaces the inferred config: a DiTConfig, a dict of fields, or a released transformer's
+    name (`dit_configs.RELEASED`, e.g. "HYVideo-T/2-I2V-16ch": an official token_replace checkpoint has the
+    text-to-video tensors and needs it, or `image_condition_type`). `dtype` casts the params (default: keep the
+    checkpoint's dtype). Params are NumPy arrays in our tree layout (stacked blocks).
     """
     cfg, official, description = open_torch_dit(path_or_state_dict, layout, config, fp8_map=fp8_map,
                                                 load_key=load_key, dtype=dtype)
