@@ -15,6 +15,12 @@ comes back per step through `jax.debug.callback` (a host progress bar; off with 
 follow the model's logical axes: samples over ('data', 'fsdp'), image tokens over 'sequence' (Ulysses or ring,
 `model.sequence_parallel`).
 
+Image-to-video (a transformer with `image_condition_type`, HunyuanVideo-I2V): `image_latent` [B, 1, h, w, C] is the
+VAE-encoded reference image (mode × scaling factor). As `HunyuanVideoImageToVideoPipeline`, the loop starts from
+0.999·noise + 0.001·image latent; "token_replace" puts the image latent on latent frame 0 of every model input and
+after every step (the scheduler steps frames 1 onward), "latent_concat" feeds [latents | image frame | mask] and
+steps every frame (`models.image_condition`).
+
 `latent_shape` and `check_sequence_split` turn a request the VAE, the patch size or the mesh cannot serve into a
 sentence before anything is loaded or compiled. `hyvideo_jax.sample` (prompts → videos, the CLI) runs `denoise`;
 `hyvideo_jax.sample_cache` (cached sampling) shares its checks and text handling.
@@ -32,12 +38,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyvideo_jax import flow
+from hyvideo_jax.models import image_condition
 from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
 from hyvideo_jax.parallel.sharding import batch_sharding
 
 
 # --------------------------------------------------------------------------------------------------- checks
+def latent_channels(dit: DiTConfig) -> int:
+    """Channels of the latents the loop denoises: the model's input channels, except for "latent_concat", whose
+    input also holds the image latent and a mask (in = 2·out + 1)."""
+    return dit.out_channels if dit.image_condition_type == "latent_concat" else dit.in_channels
+
+
 def latent_shape(frames: int, height: int, width: int, dit: DiTConfig, vae) -> tuple[int, int, int, int]:
     """Latents [T, H, W, C] of a video, after checking that the VAE and the patch size can make it."""
     rt, rs = vae.temporal_compression_ratio, vae.spatial_compression_ratio
@@ -55,7 +68,7 @@ def latent_shape(frames: int, height: int, width: int, dit: DiTConfig, vae) -> t
             raise ValueError(f"{name} must be a multiple of {multiple} (VAE ×{rs}, patch {dit.patch_size}), got "
                              f"{size}; the nearest are {max(size // multiple, 1) * multiple} and "
                              f"{(size // multiple + 1) * multiple}")
-    return t, height // rs, width // rs, dit.in_channels
+    return t, height // rs, width // rs, latent_channels(dit)
 
 
 def check_sequence_split(dit: DiTConfig, latent: Sequence[int], mesh) -> None:
@@ -78,24 +91,31 @@ def embedded_guidance(scale: float | None, batch: int):
 
 
 # --------------------------------------------------------------------------------------------------- sampling
-def denoise_step(model, params, latents, sigma, sigma_next, cond, negative=None, guidance=None, true_cfg_scale=1.0):
+def denoise_step(model, params, latents, sigma, sigma_next, cond, negative=None, guidance=None, true_cfg_scale=1.0,
+                 image_latent=None):
     """One Euler step from σ to σ_next (fp32 scalars) of latents [B, T, H, W, C] (fp32).
 
     cond = (text_states [B, L, D], text_mask [B, L], pooled_text [B, Dp]); `negative` the same triple for true
-    CFG (run with cond as one batch of 2B), or None; guidance [B] the model input (× 1000, rounded) or None.
+    CFG (run with cond as one batch of 2B), or None; guidance [B] the model input (× 1000, rounded) or None;
+    `image_latent` [B, 1, H, W, C] the reference image of an image-to-video model (None for text-to-video).
     """
     b = latents.shape[0]
+    kind = model.config.image_condition_type
     latents = nn.with_logical_constraint(latents, ("batch", None, None, None, None))
+    inputs = image_condition.model_input(kind, latents, image_latent)
     timesteps = jnp.full((b,), sigma * 1000.0, jnp.float32)
     if negative is None:
-        velocity = model.apply({"params": params}, latents, timesteps, *cond, guidance)
+        velocity = model.apply({"params": params}, inputs, timesteps, *cond, guidance)
     else:
         pair = lambda a, n: None if a is None else jnp.concatenate([a, n], axis=0)  # noqa: E731
-        both = model.apply({"params": params}, pair(latents, latents), pair(timesteps, timesteps),
+        both = model.apply({"params": params}, pair(inputs, inputs), pair(timesteps, timesteps),
                            *(pair(c, n) for c, n in zip(cond, negative)), pair(guidance, guidance))
         v_cond, v_neg = both[:b].astype(jnp.float32), both[b:].astype(jnp.float32)
         velocity = v_neg + true_cfg_scale * (v_cond - v_neg)
-    return latents + (sigma_next - sigma) * velocity.astype(jnp.float32)
+    stepped = latents + (sigma_next - sigma) * velocity.astype(jnp.float32)
+    if kind == "token_replace":   # frame 0 stays the image
+        stepped = image_condition.token_replace_input(stepped, image_latent)
+    return stepped
 
 
 class _StepReporter:
@@ -130,9 +150,11 @@ _REPORTER = _StepReporter()
 
 
 @functools.partial(jax.jit, static_argnames=("model", "progress"))
-def _denoise_loop(model, params, latents, sigmas, cond, negative, guidance, true_cfg_scale, *, progress: bool):
+def _denoise_loop(model, params, latents, sigmas, cond, negative, guidance, image_latent, true_cfg_scale, *,
+                  progress: bool):
     def body(i, x):
-        x = denoise_step(model, params, x, sigmas[i], sigmas[i + 1], cond, negative, guidance, true_cfg_scale)
+        x = denoise_step(model, params, x, sigmas[i], sigmas[i + 1], cond, negative, guidance, true_cfg_scale,
+                         image_latent)
         if progress:
             jax.debug.callback(_REPORTER.report, i)
         return x
@@ -164,15 +186,17 @@ def _pad_text(triple, length: int):
 
 
 def denoise_inputs(model: HunyuanVideoDiT, latents, text_states, text_mask, pooled_text, *, steps: int,
-                   shift: float, guidance: float | None, negative=None, true_cfg_scale: float = 1.0, mesh=None,
-                   rules=LOGICAL_AXIS_RULES):
+                   shift: float, guidance: float | None, negative=None, true_cfg_scale: float = 1.0,
+                   image_latent=None, mesh=None, rules=LOGICAL_AXIS_RULES):
     """The checked inputs of a denoising loop (`denoise`, `sample_cache.denoise_cached`; arguments as in
-    `denoise`): (latents fp32, cond, negative or None, the guidance input or None) on the mesh's batch axes when
-    `mesh` is given, and the σ schedule. Text triples are broadcast to the batch and padded to one length."""
+    `denoise`): (latents fp32, cond, negative or None, the guidance input or None, the image latent or None) on the
+    mesh's batch axes when `mesh` is given, and the σ schedule. Text triples are broadcast to the batch and padded
+    to one length; with an image latent the latents are the references' starting point (noise mixed with it)."""
     cfg = model.config
     latents = jnp.asarray(latents, jnp.float32)
-    if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
-        raise ValueError(f"latents must be [B, T, H, W, {cfg.in_channels}] (channel-last), got {latents.shape}")
+    channels = latent_channels(cfg)
+    if latents.ndim != 5 or latents.shape[-1] != channels:
+        raise ValueError(f"latents must be [B, T, H, W, {channels}] (channel-last), got {latents.shape}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not shift > 0:
@@ -193,31 +217,46 @@ def denoise_inputs(model: HunyuanVideoDiT, latents, text_states, text_mask, pool
         negative = None
     b = latents.shape[0]
     check_sequence_split(cfg, latents.shape[1:], mesh)
+    if cfg.image_condition_type is None and image_latent is not None:
+        raise ValueError("an image latent was given, but this transformer is text-to-video "
+                         "(model.image_condition_type None)")
+    if cfg.image_condition_type is not None:
+        if image_latent is None:
+            raise ValueError(f"this transformer is image-to-video ({cfg.image_condition_type}): give the image "
+                             "latent (the VAE-encoded reference image) [B, 1, h, w, C]")
+        image_latent = jnp.asarray(image_latent, jnp.float32)
+        want = (1, *latents.shape[2:])
+        if image_latent.ndim != 5 or image_latent.shape[1:] != want or image_latent.shape[0] not in (1, b):
+            raise ValueError(f"image latent must be [B, {', '.join(map(str, want))}] (one latent frame of the "
+                             f"video's size), got {image_latent.shape}")
+        image_latent = jnp.broadcast_to(image_latent, (b, *want))
+        latents = image_condition.initial_latents(latents, image_latent)
     cond = _text_triple("prompt", (text_states, text_mask, pooled_text), b, cfg)
     if negative is not None:
         negative = _text_triple("negative", negative, b, cfg)
         length = max(cond[0].shape[1], negative[0].shape[1])
         cond, negative = _pad_text(cond, length), _pad_text(negative, length)
-    inputs = (latents, cond, negative, embedded_guidance(guidance, b))
+    inputs = (latents, cond, negative, embedded_guidance(guidance, b), image_latent)
     if mesh is not None:   # samples straight onto their devices (the model's 'batch' axes) rather than replicated
         inputs = jax.device_put(inputs, batch_sharding(mesh, rules, b))
     return inputs, jnp.asarray(flow.sigma_schedule(steps, shift))
 
 
 def denoise(model: HunyuanVideoDiT, params, latents, text_states, text_mask, pooled_text, *, steps: int,
-            shift: float, guidance: float | None, negative=None, true_cfg_scale: float = 1.0, progress: bool = True,
-            mesh=None, rules=LOGICAL_AXIS_RULES):
+            shift: float, guidance: float | None, negative=None, true_cfg_scale: float = 1.0, image_latent=None,
+            progress: bool = True, mesh=None, rules=LOGICAL_AXIS_RULES):
     """The final latents [B, T, H, W, C] (fp32) from initial noise `latents` [B, T, H, W, C].
 
     text_states [B, L, D], text_mask [B, L] (1 = token), pooled_text [B, Dp]: the prompts' conditioning (batch 1
     is broadcast). `guidance`: the embedded guidance scale (e.g. 6.0; None for a model without guidance
     embedding). `negative`: (text_states, text_mask, pooled_text) of the negative prompt, used when
-    `true_cfg_scale` > 1. `mesh`: run sharded on it (params already placed there). One jitted program; `progress`
-    shows a per-step bar.
+    `true_cfg_scale` > 1. `image_latent` [B or 1, 1, h, w, C]: the reference image of an image-to-video model
+    (`latents` is then the noise; the loop starts from 0.999·noise + 0.001·image latent). `mesh`: run sharded on it
+    (params already placed there). One jitted program; `progress` shows a per-step bar.
     """
     inputs, sigmas = denoise_inputs(model, latents, text_states, text_mask, pooled_text, steps=steps, shift=shift,
-                                    guidance=guidance, negative=negative, true_cfg_scale=true_cfg_scale, mesh=mesh,
-                                    rules=rules)
+                                    guidance=guidance, negative=negative, true_cfg_scale=true_cfg_scale,
+                                    image_latent=image_latent, mesh=mesh, rules=rules)
     args = (params, inputs[0], sigmas, *inputs[1:], jnp.float32(true_cfg_scale))
     run = functools.partial(_denoise_loop, model, progress=progress)
     if mesh is None:

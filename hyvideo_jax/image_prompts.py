@@ -251,9 +251,11 @@ class ImagePromptEncoders:
         return cls(text, llava_cfg, params, processor, image_interleave=image_interleave)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, mesh=None) -> "ImagePromptEncoders":
+    def from_config(cls, config: Mapping[str, Any], *, mesh=None,
+                    image_condition_type: str = "token_replace") -> "ImagePromptEncoders":
         """From `config.text` with `llava_path` (the I2V text encoder) instead of `llm_path`, or `demo`; the
-        `image_*` / `vision_*` demo fields size the random vision tower."""
+        `image_*` / `vision_*` demo fields size the random vision tower. `image_interleave` defaults to the
+        transformer's (`IMAGE_INTERLEAVE[image_condition_type]`)."""
         c = dict(config.to_dict() if hasattr(config, "to_dict") else config)
         vision_keys = ("image_size", "patch_size", "vision_dim", "vision_layers", "vision_heads")
         known = TEXT_FIELDS | {"llava_path", "crop_start_i2v", "image_interleave", *vision_keys}
@@ -261,7 +263,10 @@ class ImagePromptEncoders:
         if unknown:
             raise ValueError(f"unknown text config field(s) {unknown} for image-to-video; known fields are "
                              f"{sorted(known)}")
-        common = {k: c[k] for k in ("image_interleave",) if k in c}
+        if image_condition_type not in IMAGE_INTERLEAVE:
+            raise ValueError(f"image_condition_type must be one of {sorted(IMAGE_INTERLEAVE)}, "
+                             f"got {image_condition_type!r}")
+        common = {"image_interleave": c.get("image_interleave") or IMAGE_INTERLEAVE[image_condition_type]}
         if c.get("demo"):
             demo_keys = ("seed", "text_len", "clip_len", "llm_layers", "llm_heads", "llm_kv_heads", "clip_layers",
                          "clip_heads", "words") + vision_keys

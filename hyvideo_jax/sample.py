@@ -6,6 +6,12 @@
     python -m hyvideo_jax.sample --workdir=demo_data/run --prompt="a red square ..." \\
         --out=video.mp4 [--steps=30 --guidance=6 --seed=1 ...]
 
+Image-to-video: with a HunyuanVideo-I2V transformer (`model.image_condition_type` "token_replace" or
+"latent_concat"), `generate(prompts, images=[...])` / `--image=first_frame.png` make videos that start from the
+image. The image is resized to cover the video's size and centre-cropped (`sample.image_resize` "crop", as the
+official code crops to its bucket) or stretched to it ("stretch", as diffusers' pipeline), VAE-encoded as latent
+frame 0, and read by the LLaVA text encoder (`hyvideo_jax.image_prompts`) with the prompt.
+
 The denoising loop itself (σ schedule, embedded and true classifier-free guidance, one jitted program, sharding
 under a mesh) is `hyvideo_jax.denoise`. The sampler encodes the prompts, draws each video's noise from its own
 seed, runs `denoise` (or `sample_cache.denoise_cached` when a cache is set) batch by batch and decodes the latents
@@ -16,6 +22,7 @@ Weights come from a training workdir (EMA parameters when the run kept them), a 
 """
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -31,7 +38,7 @@ from jax.experimental import multihost_utils
 from hyvideo_jax import sample_cache
 from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.convert.dit_sources import load_dit, with_lora
-from hyvideo_jax.denoise import check_sequence_split, denoise, latent_shape
+from hyvideo_jax.denoise import check_sequence_split, denoise, latent_channels, latent_shape
 from hyvideo_jax.models.dit import DiTConfig, HunyuanVideoDiT
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
 
@@ -68,6 +75,11 @@ class SampleConfig:
     mag_retention: float = 0.2
     mag_ratios: tuple[float, ...] = ()
     mag_ratios_file: str = ""
+    # Image-to-video: how the reference image meets the video's size (crop: cover and centre-crop, as the official
+    # code; stretch: resize to it, as diffusers), and the kept-image-token step of the negative prompt (0: the
+    # prompt's; diffusers' pipeline encodes it with 2 whatever the model).
+    image_resize: str = "crop"
+    negative_image_interleave: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -88,12 +100,58 @@ class SampleConfig:
             fail("true_cfg_scale", f"must be >= 1 (1: no true CFG), got {self.true_cfg_scale}")
         if self.batch_size < 0:
             fail("batch_size", f"must be >= 0 (0: all videos of a call in one batch), got {self.batch_size}")
+        if self.image_resize not in IMAGE_RESIZE:
+            fail("image_resize", f"must be one of {IMAGE_RESIZE}, got {self.image_resize!r}")
+        if not 0 <= self.negative_image_interleave <= 5:
+            fail("negative_image_interleave", f"must be in 0..5 (0: the prompt's), got {self.negative_image_interleave}")
         from hyvideo_jax.sample_cache import from_sample_config
         from_sample_config(self)
 
     @classmethod
     def from_config(cls, config: "SampleConfig | Mapping[str, Any]") -> "SampleConfig":
         return from_fields(cls, config, "sample")
+
+
+IMAGE_RESIZE = ("crop", "stretch")
+
+
+# --------------------------------------------------------------------------------------------------- reference image
+def load_image(path: str):
+    """An RGB PIL image from a file (a local or gs:// path)."""
+    import io
+
+    import PIL.Image
+    from etils import epath
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"image {path} does not exist")
+    return PIL.Image.open(io.BytesIO(p.read_bytes())).convert("RGB")
+
+
+def reference_frame(image, height: int, width: int, resize: str = "crop") -> np.ndarray:
+    """A PIL image or uint8 [H, W, 3] array → float32 [height, width, 3] in [-1, 1] for the VAE.
+
+    "stretch" resizes to the video's size (LANCZOS, diffusers' `VideoProcessor.preprocess`); "crop" scales the
+    image to cover it, keeping its aspect ratio, and centre-crops (the official code's resize + centre crop)."""
+    import PIL.Image
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"an image array must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        image = PIL.Image.fromarray(image)
+    if not isinstance(image, PIL.Image.Image):
+        raise TypeError(f"images must be PIL images or uint8 [H, W, 3] arrays, got {type(image).__name__}")
+    image = image.convert("RGB")
+    if resize == "stretch":
+        image = image.resize((width, height), resample=PIL.Image.LANCZOS)
+    elif resize == "crop":
+        scale = max(width / image.width, height / image.height)
+        w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+        image = image.resize((w, h), resample=PIL.Image.LANCZOS)
+        left, top = (w - width) // 2, (h - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+    else:
+        raise ValueError(f"resize must be one of {IMAGE_RESIZE}, got {resize!r}")
+    return np.asarray(image, np.float32) / 255.0 * 2.0 - 1.0
 
 
 # --------------------------------------------------------------------------------------------------- prompts → video
@@ -124,7 +182,7 @@ class Sampler:
     def __init__(self, config: SampleConfig, dit_config: DiTConfig, dit_params, vae_config, vae_params, text, mesh,
                  rules=LOGICAL_AXIS_RULES, description: str = ""):
         from hyvideo_jax.models.vae import HunyuanVideoVAE
-        from hyvideo_jax.models.vae_tiling import decode_latents
+        from hyvideo_jax.models.vae_tiling import decode_latents, encode_video
         from hyvideo_jax.parallel.sharding import replicated
 
         self.config, self.dit_config, self.vae_config = config, dit_config, vae_config
@@ -134,6 +192,7 @@ class Sampler:
         self.vae_params = jax.device_put(vae_params, replicated(mesh))
         vae = HunyuanVideoVAE(vae_config)
         self._decode = jax.jit(lambda p, z: video_frames(decode_latents(vae, p, z)))
+        self._encode = jax.jit(lambda p, v: encode_video(vae, p, v))
 
     @classmethod
     def from_config(cls, config, *, workdir=None, step: int | None = None, checkpoint=None, torch_weights=None,
@@ -158,9 +217,13 @@ class Sampler:
             description += f", LoRA {lora_file} merged"
         prepare = PrepareConfig.from_config(config.data.prepare)
         vae_config, vae_params = load_vae(vae_weights or prepare.vae_checkpoint, config.vae.model, prepare.vae_seed)
-        if vae_config.latent_channels != dit_config.in_channels:
-            raise ValueError(f"the VAE has {vae_config.latent_channels} latent channels, the transformer "
-                             f"{dit_config.in_channels} input channels")
+        if vae_config.latent_channels != latent_channels(dit_config):
+            raise ValueError(f"the VAE has {vae_config.latent_channels} latent channels, the transformer denoises "
+                             f"{latent_channels(dit_config)}")
+        if text is None and dit_config.image_condition_type is not None:
+            from hyvideo_jax.image_prompts import ImagePromptEncoders
+            text = ImagePromptEncoders.from_config(config.text, mesh=mesh,
+                                                   image_condition_type=dit_config.image_condition_type)
         text = TextEncoders.from_config(config.text, mesh=mesh) if text is None else text
         return cls(sample_config, dit_config, params, vae_config, vae_params, text, mesh, rules, description)
 
@@ -168,21 +231,39 @@ class Sampler:
         """Initial latents [N, *latent] (fp32): video n from PRNGKey(seeds[n]) alone."""
         return jnp.stack([jax.random.normal(jax.random.PRNGKey(int(s)), tuple(latent), jnp.float32) for s in seeds])
 
+    def image_latents(self, images, height: int, width: int, resize: str = "crop") -> np.ndarray:
+        """Scaled latents [N, 1, h, w, C] of reference images (the VAE's posterior mode, as the references)."""
+        frames = [reference_frame(im, height, width, resize) for im in images]
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return np.concatenate([np.asarray(self._encode(self.vae_params, f[None, None])) for f in frames])
+
     def decode(self, latents) -> np.ndarray:
         """uint8 frames [N, F, H, W, 3] from scaled latents [N, T, h, w, C], tiled as the VAE config says."""
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return np.concatenate([np.asarray(self._decode(self.vae_params, latents[i:i + 1]))
                                    for i in range(latents.shape[0])])
 
-    def generate(self, prompts: str | Sequence[str], *, negative_prompt: str | None = None,
+    def generate(self, prompts: str | Sequence[str], *, images=None, negative_prompt: str | None = None,
                  seeds: Sequence[int] | None = None, calibrate_mag: bool = False, **overrides) -> SampleResult:
         """Videos for `prompts` (`config.videos_per_prompt` each); `overrides` replace `SampleConfig` fields for
         this call (e.g. steps=30). `negative_prompt` (default `config.negative_prompt`) is used when
-        `true_cfg_scale` > 1. `seeds`: one per video (default `config.seed` + n)."""
+        `true_cfg_scale` > 1. `seeds`: one per video (default `config.seed` + n). `images`: the first frames of an
+        image-to-video model (PIL images or uint8 arrays, one per prompt or one for all)."""
         sc = dataclasses.replace(self.config, **overrides) if overrides else self.config
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("generate needs at least one prompt")
+        kind = self.dit_config.image_condition_type
+        if kind is None and images is not None:
+            raise ValueError("images were given, but this transformer is text-to-video (model.image_condition_type "
+                             "None); use an image-to-video checkpoint")
+        if kind is not None:
+            if images is None:
+                raise ValueError(f"this transformer is image-to-video ({kind}): give images (--image)")
+            images = list(images) if isinstance(images, (list, tuple)) else [images]
+            images = images * len(prompts) if len(images) == 1 else images
+            if len(images) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts need one image each (or one for all), got {len(images)}")
         latent = latent_shape(sc.frames, sc.height, sc.width, self.dit_config, self.vae_config)
         check_sequence_split(self.dit_config, latent, self.mesh)
         if sc.guidance and not self.dit_config.guidance_embed:
@@ -195,18 +276,31 @@ class Sampler:
         seconds = {}
         start = time.perf_counter()
         mode = "video" if sc.frames > 1 else "image"
-        states, mask, pooled = (np.repeat(np.asarray(a), sc.videos_per_prompt, axis=0)
-                                for a in self.text.encode_prompts(prompts, mode=mode))
+        per_video = functools.partial(np.repeat, repeats=sc.videos_per_prompt, axis=0)
+        if kind is None:
+            encoded = self.text.encode_prompts(prompts, mode=mode)
+        else:
+            encoded = self.text.encode_prompts(prompts, images)
+            image_latents = per_video(self.image_latents(images, sc.height, sc.width, sc.image_resize))
+        states, mask, pooled = (per_video(np.asarray(a)) for a in encoded)
         negative = None
         if sc.true_cfg_scale > 1:
             text = sc.negative_prompt if negative_prompt is None else negative_prompt
-            negative = tuple(np.asarray(a) for a in self.text.encode_prompts([text], mode=mode))
+            if kind is None:
+                negative = self.text.encode_prompts([text], mode=mode)
+            else:   # the references' negative: a black image
+                negative = self.text.encode_negative([text], sc.height, sc.width,
+                                                     interleave=sc.negative_image_interleave or None)
+            negative = tuple(np.asarray(a) for a in negative)
         elif negative_prompt:
             warnings.warn("negative_prompt is ignored with true_cfg_scale 1 (set true_cfg_scale > 1 to use it)")
         seconds["text"] = time.perf_counter() - start
         guidance = sc.guidance if self.dit_config.guidance_embed else None
         batch = sc.batch_size or n
         cache = sample_cache.from_sample_config(sc)
+        if kind is not None and (cache.active or calibrate_mag):
+            raise ValueError(f"cached sampling is for text-to-video transformers; this one is image-to-video "
+                             f"({kind}): sample with --cache=none")
         if calibrate_mag:
             cache = dataclasses.replace(cache, kind="mag")
         elif cache.kind == "mag" and not cache.mag_ratios and sc.mag_ratios_file:
@@ -228,13 +322,15 @@ class Sampler:
                 out = denoise(self.model, self.params, noise, states[rows], mask[rows], pooled[rows],
                               steps=sc.steps, shift=sc.shift, guidance=guidance, negative=negative,
                               true_cfg_scale=sc.true_cfg_scale, progress=sc.progress, mesh=self.mesh,
-                              rules=self.rules)
+                              rules=self.rules, image_latent=None if kind is None else image_latents[rows])
             # Gathered: with several processes, the batch's rows sit on other hosts' devices too.
             latents.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:min(batch, n - first)])
         latents = np.concatenate(latents)
         seconds["denoise"] = time.perf_counter() - start
         start = time.perf_counter()
         videos = self.decode(latents)
+        if kind == "latent_concat":   # its latent frame 0 holds the image: the references drop its frames
+            videos = videos[:, self.vae_config.temporal_compression_ratio:]
         seconds["decode"] = time.perf_counter() - start
         return SampleResult(videos, latents, [p for p in prompts for _ in range(sc.videos_per_prompt)], seeds,
                             seconds, np.stack(computed) if computed else None, ratios if calibrate_mag else None)

@@ -217,6 +217,9 @@ def denoise_cached(model: HunyuanVideoDiT, params, latents, text_states, text_ma
     rules = LOGICAL_AXIS_RULES if rules is None else rules
     if not cache.active:
         raise ValueError("denoise_cached needs a cache kind (first_block or mag); use denoise.denoise without one")
+    if model.config.image_condition_type is not None:   # diffusers' I2V pipeline runs no cache hooks either
+        raise ValueError(f"cached sampling is for text-to-video transformers; this one is image-to-video "
+                         f"({model.config.image_condition_type}): sample with cache 'none'")
     _check_depths(model.config)
     ratios = np.ones(steps, np.float32)
     if cache.kind == "mag":
@@ -231,7 +234,7 @@ def denoise_cached(model: HunyuanVideoDiT, params, latents, text_states, text_ma
         raise ValueError("calibrate is for MagCache (cache kind mag)")
     else:
         threshold = threshold_below(cache.threshold)
-    (latents, cond, negative, guidance), sigmas = denoise_inputs(
+    (latents, cond, negative, guidance, _), sigmas = denoise_inputs(
         model, latents, text_states, text_mask, pooled_text, steps=steps, shift=shift, guidance=guidance,
         negative=negative, true_cfg_scale=true_cfg_scale, mesh=mesh, rules=rules)
     branches = (cond,) if negative is None else (cond, negative)

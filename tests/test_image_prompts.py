@@ -31,8 +31,13 @@ def pictures(seed: int, sizes=((12, 20), (9, 9))):
 
 @pytest.fixture(scope="module")
 def parts():
-    """A LLaVA (CLIP ViT 8 px / 2 px patches = 16 image tokens, 4-layer Llama), a CLIP text model, tokenizers
-    where the assistant header is 4 tokens as in Llama 3 ("assistant" is one token), and our encoders from them."""
+    return build_parts()
+
+
+def build_parts(clip_dim: int = 16, seed: int = 11) -> dict:
+    """A LLaVA (CLIP ViT 8 px / 2 px patches = 16 image tokens, 4-layer Llama 32 wide), a CLIP text model, tokenizers
+    where the assistant header is 4 tokens as in Llama 3 ("assistant" is one token), our encoders from them, and
+    diffusers' I2V pipeline holding the same parts (no transformer, VAE or scheduler)."""
     llm_tok = byte_tokenizer(LLM_SPECIAL_TOKENS + (IMAGE_TOKEN, "assistant"), "<|begin_of_text|>", "<|end_of_text|>",
                              append_eos=False, model_max_length=1 << 20)
     clip_tok = byte_tokenizer(CLIP_SPECIAL_TOKENS, "<|startoftext|>", "<|endoftext|>", append_eos=True,
@@ -45,11 +50,11 @@ def parts():
                                   image_token_index=image_id, vision_feature_layer=-2,
                                   vision_feature_select_strategy="default")
     hf.pad_token_id = llm_tok.pad_token_id   # transformers 5 leaves it unset; diffusers' mask reads it
-    llava = randomize(transformers.LlavaForConditionalGeneration(hf), seed=11)
-    clip_hf = transformers.CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=16, intermediate_size=32,
+    llava = randomize(transformers.LlavaForConditionalGeneration(hf), seed=seed)
+    clip_hf = transformers.CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=clip_dim, intermediate_size=32,
                                           num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                                           eos_token_id=clip_tok.eos_token_id, attn_implementation="eager")
-    clip = randomize(transformers.CLIPTextModel(clip_hf), seed=12)
+    clip = randomize(transformers.CLIPTextModel(clip_hf), seed=seed + 1)
     processor = clip_image_processor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
 
     state = llava.state_dict()
@@ -62,7 +67,8 @@ def parts():
     pipe = diffusers.HunyuanVideoImageToVideoPipeline(
         text_encoder=llava, tokenizer=llm_tok, transformer=None, vae=None, scheduler=None, text_encoder_2=clip,
         tokenizer_2=clip_tok, image_processor=processor)
-    return dict(ours=ours, pipe=pipe, llava=llava, llm_tok=llm_tok, image_id=image_id)
+    return dict(ours=ours, pipe=pipe, llava=llava, llm_tok=llm_tok, image_id=image_id, clip=clip, clip_tok=clip_tok,
+                processor=processor)
 
 
 def reference_template(ours: ImagePromptEncoders) -> dict:
