@@ -5,6 +5,8 @@
 
     python -m hyvideo_jax.sample --workdir=demo_data/run --prompt="a red square ..." \\
         --out=video.mp4 [--steps=30 --guidance=6 --seed=1 ...]
+    python -m hyvideo_jax.sample --config=configs/hunyuan_video_i2v.py --torch_weights=... \\
+        --image=first_frame.png --prompt="..."          # image-to-video
 
 Image-to-video: with a HunyuanVideo-I2V transformer (`model.image_condition_type` "token_replace" or
 "latent_concat"), `generate(prompts, images=[...])` / `--image=first_frame.png` make videos that start from the
@@ -103,7 +105,8 @@ class SampleConfig:
         if self.image_resize not in IMAGE_RESIZE:
             fail("image_resize", f"must be one of {IMAGE_RESIZE}, got {self.image_resize!r}")
         if not 0 <= self.negative_image_interleave <= 5:
-            fail("negative_image_interleave", f"must be in 0..5 (0: the prompt's), got {self.negative_image_interleave}")
+            fail("negative_image_interleave",
+                 f"must be in 0..5 (0: the prompt's), got {self.negative_image_interleave}")
         from hyvideo_jax.sample_cache import from_sample_config
         from_sample_config(self)
 
@@ -339,7 +342,7 @@ class Sampler:
 # --------------------------------------------------------------------------------------------------- CLI
 SAMPLE_FLAGS = ("height", "width", "frames", "steps", "shift", "guidance", "true_cfg_scale", "seed", "fps",
                 "negative_prompt", "videos_per_prompt", "batch_size", "cache", "cache_threshold", "mag_max_skip_steps",
-                "mag_retention", "mag_ratios_file")
+                "mag_retention", "mag_ratios_file", "image_resize")
 
 
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
@@ -386,16 +389,21 @@ def write_outputs(result: SampleResult, out: str, fps: float, save_latents: bool
 
 def run(config, *, prompts: Sequence[str] = (), prompts_file: str | None = None, out: str = "video.mp4",
         workdir=None, step: int | None = None, checkpoint=None, torch_weights=None, vae_weights=None,
-        lora_file: str | None = None, save_latents: bool = False, mesh=None,
-        calibrate_mag: str | None = None) -> tuple[list[str], SampleResult, "Sampler"]:
-    """What the CLI does: check the request (sizes, prompts, output, mesh) before loading anything, load, generate,
-    write. Returns (mp4 paths, result, sampler); bad input raises ValueError / FileNotFoundError with a sentence."""
+        lora_file: str | None = None, save_latents: bool = False, mesh=None, calibrate_mag: str | None = None,
+        images: Sequence[str] = ()) -> tuple[list[str], SampleResult, "Sampler"]:
+    """What the CLI does: check the request (sizes, prompts, images, output, mesh) before loading anything, load,
+    generate, write. `images`: image files (one for all prompts or one per prompt) for an image-to-video model.
+    Returns (mp4 paths, result, sampler); bad input raises ValueError / FileNotFoundError with a sentence."""
     from hyvideo_jax.models.vae import VAEConfig
     from hyvideo_jax.parallel.mesh import create_mesh
 
     sc = SampleConfig.from_config(config.get("sample") or {})
     prompts = read_prompts(prompts, prompts_file)
     output_paths(out, len(prompts) * sc.videos_per_prompt)
+    pictures = [load_image(path) for path in images or ()]
+    if len(pictures) not in (0, 1, len(prompts)):
+        raise ValueError(f"{len(pictures)} --image files for {len(prompts)} prompts: give one for all prompts or one "
+                         f"per prompt")
     given = [name for name, v in (("--workdir", workdir), ("--checkpoint", checkpoint),
                                   ("--torch_weights", torch_weights)) if v]
     if len(given) != 1:
@@ -403,6 +411,11 @@ def run(config, *, prompts: Sequence[str] = (), prompts_file: str | None = None,
     dit = DiTConfig.from_config(config.model)
     mesh = create_mesh(config.mesh) if mesh is None else mesh
     if workdir:   # the config is the architecture: check the request against it before loading anything
+        if dit.image_condition_type is not None and not pictures:
+            raise ValueError(f"this transformer is image-to-video ({dit.image_condition_type}): give --image")
+        if dit.image_condition_type is None and pictures:
+            raise ValueError("--image given, but this transformer is text-to-video (model.image_condition_type "
+                             "None)")
         latent = latent_shape(sc.frames, sc.height, sc.width, dit, VAEConfig.from_config(config.vae.model))
         check_sequence_split(dit, latent, mesh)
         if sc.guidance and not dit.guidance_embed:
@@ -412,7 +425,7 @@ def run(config, *, prompts: Sequence[str] = (), prompts_file: str | None = None,
                                   torch_weights=torch_weights, vae_weights=vae_weights, lora_file=lora_file,
                                   mesh=mesh)
     print(f"weights: {sampler.description}", file=sys.stderr)
-    result = sampler.generate(prompts, calibrate_mag=bool(calibrate_mag))
+    result = sampler.generate(prompts, images=pictures or None, calibrate_mag=bool(calibrate_mag))
     if calibrate_mag:   # the JSON the sampler reads with sample.mag_ratios_file (one per checkpoint)
         sample_cache.write_mag_ratios(calibrate_mag, sample_cache.CachedResult(None, None, result.mag_ratios, 0.0),
                                       height=sc.height, width=sc.width, frames=sc.frames, steps=sc.steps,
@@ -447,7 +460,7 @@ def main(argv):
         paths, result, sampler = run(config, prompts=f.prompt, prompts_file=f.prompts_file, out=f.out,
                                      workdir=f.workdir, step=f.step, checkpoint=f.checkpoint,
                                      torch_weights=f.torch_weights, vae_weights=f.vae_weights, lora_file=f.lora,
-                                     save_latents=f.save_latents, calibrate_mag=f.calibrate_mag)
+                                     save_latents=f.save_latents, calibrate_mag=f.calibrate_mag, images=f.image)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -479,6 +492,10 @@ def define_flags():
                         "data.prepare.vae_checkpoint, else random weights from data.prepare.vae_seed.")
     flags.DEFINE_string("lora", None, "A LoRA file to merge (diffusers/PEFT, original names, or kohya/musubi).")
     flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for several).")
+    flags.DEFINE_multi_string("image", [], "Image-to-video: the first frame (an image file; one for all prompts, or "
+                              "repeat the flag once per prompt).")
+    flags.DEFINE_enum("image_resize", None, list(IMAGE_RESIZE), "How the image meets the video size: crop (cover and "
+                      "centre-crop) or stretch (sample.image_resize).")
     flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
     flags.DEFINE_string("out", "video.mp4", "Output .mp4 (several videos: stem_000.mp4, ... and stem.jsonl).")
     flags.DEFINE_bool("save_latents", False, "Also write each video's denoised latents as .npy beside it.")

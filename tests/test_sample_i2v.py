@@ -187,3 +187,78 @@ def test_reference_frame_crop_and_stretch():
     cropped = sample.reference_frame(wide, 20, 20, "crop")
     np.testing.assert_allclose(cropped, np.asarray(wide, np.float32)[:, 10:30] / 127.5 - 1, atol=1e-6)
     assert np.abs(cropped - stretched).max() > 0.5
+
+
+CLI_CONFIG = '''
+from configs import tiny
+
+
+def get_config():
+    config = tiny.get_config()
+    config.model.image_condition_type = "token_replace"
+    config.text.update(image_size=16, patch_size=4, vision_dim=32, vision_layers=3, vision_heads=2)
+    config.sample.update(height=32, width=48, frames=5, steps=3, progress=False)
+    return config
+'''
+
+
+def test_cli_makes_a_video_from_an_image_file(tmp_path):
+    """`python -m hyvideo_jax.sample --image=first_frame.png --prompt=...` on a tiny token-replace checkpoint (a
+    diffusers folder): an mp4 of the requested size whose latent frame 0 is the image's latent (the image cropped to
+    the video's 2:3 and encoded); without --image the request is refused with a sentence."""
+    import os
+    import subprocess
+    import sys
+
+    from configs import tiny
+    from hyvideo_jax.convert.vae import load_vae
+    from hyvideo_jax.models.vae import HunyuanVideoVAE
+    from hyvideo_jax.models.vae_tiling import encode_video
+    from tests.test_sample_cli import ROOT, read_mp4
+
+    weights = tmp_path / "transformer"   # a random diffusers transformer of configs/tiny.py's sizes
+    diffusers_dit(seed=9, image_condition_type="token_replace").save_pretrained(weights)
+    config_file = tmp_path / "tiny_i2v.py"
+    config_file.write_text(CLI_CONFIG)
+    image_file = tmp_path / "first_frame.png"
+    picture(8, size=(60, 80)).save(image_file)   # 3:4, cropped to the video's 2:3
+    out = tmp_path / "out" / "clip.mp4"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    command = [sys.executable, "-m", "hyvideo_jax.sample", f"--config={config_file}", f"--torch_weights={weights}",
+               "--prompt=a red ball", f"--out={out}", "--save_latents"]
+    proc = subprocess.run(command + [f"--image={image_file}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frames, _ = read_mp4(str(out))
+    assert frames.shape == (5, 32, 48, 3)
+    latents = np.load(str(out)[:-4] + ".npy")
+
+    # Latent frame 0 of the written video is the image's latent: the cropped frame through the VAE's encoder.
+    # (How close the decoded first frame comes to the image is the VAE's business: tests/test_demo.py measures it
+    # with the demo's trained VAE; this one is random.)
+    from ml_collections import config_dict
+    run_config = config_dict.ConfigDict(tiny.get_config())
+    vae_config, vae_params = load_vae("", run_config.vae.model, run_config.data.prepare.vae_seed)
+    frame = sample.reference_frame(PIL.Image.open(image_file), 32, 48, "crop")
+    image_latent = np.asarray(encode_video(HunyuanVideoVAE(vae_config), vae_params, frame[None, None]))
+    np.testing.assert_allclose(latents[:1], image_latent[0], rtol=0, atol=1e-5)
+    assert np.abs(latents[1:] - image_latent[0]).max() > 0.5
+
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "image-to-video (token_replace): give images (--image)" in proc.stderr
+
+
+def test_i2v_preset_is_the_released_token_replace_model():
+    """configs/hunyuan_video_i2v.py: the 13B transformer as token_replace, its records' text length the released
+    I2V text states (144 image + 252 text tokens), and the LLaVA folder asked for by name when missing."""
+    from configs import hunyuan_video_i2v
+    from hyvideo_jax.image_prompts import ImagePromptEncoders
+    from hyvideo_jax.models.dit import DiTConfig
+    config = hunyuan_video_i2v.get_config()
+    dit = DiTConfig.from_config(config.model)
+    assert (dit.image_condition_type, dit.in_channels, dit.depth_double, dit.guidance_embed) == (
+        "token_replace", 16, 20, True)
+    assert config.data.text_len == 576 // IMAGE_INTERLEAVE["token_replace"] + 256 - 4
+    assert sample.SampleConfig.from_config(config.sample).image_resize == "crop"
+    with pytest.raises(ValueError, match="text.llava_path is empty"):
+        ImagePromptEncoders.from_config(config.text)
