@@ -24,7 +24,7 @@ def get_config():
         text,
         llava_path="",                # e.g. HunyuanVideo-I2V/text_encoder_i2v (LlavaForConditionalGeneration)
         crop_start_i2v=103,           # BOS + template tokens before the prompt, the <image> token counted once
-        image_interleave=0,           # image features kept: every n-th; 0: the transformer's (4 token_replace, 2 concat)
+        image_interleave=0,           # keep every n-th image feature; 0: the model's (4 token_replace, 2 concat)
     ))
     # The released I2V text states: 576 / 4 = 144 image tokens + 256 - 4 text tokens.
     config.data.text_len = 144 + config.text.text_len - 4
