@@ -26,6 +26,10 @@ class DataConfig:
     a split name for "tfds"), or `eval_fraction` of the training records, held out deterministically (from the
     run's seed) and never trained on.
     `worker_count` > 0 decodes batches in that many worker processes; `read_threads` threads otherwise.
+    `with_image_latent`: every clip holds `image_latent` (its first frame encoded alone) and batches carry it, as
+    image-to-video training (model.image_condition_type) needs; prepare writes it, with image-conditioned text
+    states, when the config's model is image-to-video (sources "arrayrecord" and "random"; TFDS features have no
+    such field).
     """
     source: str = "random"
     path: str = ""
@@ -52,6 +56,7 @@ class DataConfig:
     caption_dropout: float = 0.0
     eval_path: str = ""
     eval_fraction: float = 0.0
+    with_image_latent: bool = False
 
     def __post_init__(self):
         shapes = tuple(tuple(int(s) for s in shape) for shape in self.random_latent_shapes)
@@ -81,6 +86,9 @@ class DataConfig:
             fail("path", "is empty: give the folder written by `python -m hyvideo_jax.data.prepare`")
         if self.source == "videos" and not self.path:
             fail("path", "is empty: give a folder of video files")
+        if self.with_image_latent and self.source not in ("arrayrecord", "random"):
+            fail("with_image_latent", f"first-frame latents come with clips prepared for image-to-video (source "
+                 f"'arrayrecord') or random clips; source {self.source!r} has none")
         if self.source == "tfds" and not self.tfds_name:
             fail("tfds_name", "is empty: give the name of a TFDS dataset of tokenized clips")
         for f in ("global_batch_size", "latent_channels", "text_len", "text_dim", "pooled_dim", "random_records",
@@ -110,7 +118,7 @@ class DataConfig:
 
     @property
     def spec(self) -> ClipSpec:
-        return ClipSpec(self.latent_channels, self.text_len, self.text_dim, self.pooled_dim)
+        return ClipSpec(self.latent_channels, self.text_len, self.text_dim, self.pooled_dim, self.with_image_latent)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ Batches (B = global_batch_size / process_count, one latent shape per batch):
     text_states   [B, L, D]        config.text_dtype
     text_mask     [B, L]           int32 (1 = token)
     pooled_text   [B, Dp]          config.text_dtype
+    image_latent  [B, 1, H, W, C]  config.latent_dtype     only with `with_image_latent`: the first frame's own latent
     valid         [B]              bool: False for padding slots (zeros) that fill the last batch of a bucket
     record_index  [B]              int64: the record's index in the source, -1 for padding
 
@@ -135,9 +136,13 @@ def batch_layout(config: DataConfig, shape: Sequence[int], rows: int, videos: bo
                     record_index=((rows,), np.dtype(np.int64)))
     s = config.spec
     latent, text = numpy_dtype(config.latent_dtype), numpy_dtype(config.text_dtype)
-    return dict(latents=((rows, *shape, s.latent_channels), latent), text_states=((rows, s.text_len, s.text_dim), text),
-                text_mask=((rows, s.text_len), np.dtype(np.int32)), pooled_text=((rows, s.pooled_dim), text),
-                valid=((rows,), np.dtype(bool)), record_index=((rows,), np.dtype(np.int64)))
+    layout = dict(latents=((rows, *shape, s.latent_channels), latent),
+                  text_states=((rows, s.text_len, s.text_dim), text),
+                  text_mask=((rows, s.text_len), np.dtype(np.int32)), pooled_text=((rows, s.pooled_dim), text),
+                  valid=((rows,), np.dtype(bool)), record_index=((rows,), np.dtype(np.int64)))
+    if s.image_latent:
+        layout["image_latent"] = ((rows, 1, *shape[1:], s.latent_channels), latent)
+    return layout
 
 
 def bucket_shapes(source) -> list[tuple[int, ...]]:
@@ -169,6 +174,8 @@ class LoadBatch(grain.transforms.Map):
             batch["text_states"][slot] = clip.text_states
             batch["text_mask"][slot] = clip.text_mask
             batch["pooled_text"][slot] = clip.pooled_text
+            if "image_latent" in batch:
+                batch["image_latent"][slot] = clip.image_latent
         return batch
 
 

@@ -7,6 +7,14 @@ bucket (below), resize to cover the bucket's frame and centre-crop, scale pixels
 `vae_batch_size` clips of one bucket, encode with the VAE (jitted; tiled when larger than a tile; posterior mean,
 scaled) and the text encoders, and write one record per clip (`hyvideo_jax.data.schema`).
 
+Image-to-video (the config's `model.image_condition_type` set, with `data.with_image_latent`): each record also
+holds `image_latent`, the clip's first frame encoded alone by the VAE, which is what the sampler conditions on (the
+clip's own latent frame 0 is not it: the causal VAE's GroupNorm statistics span all frames, so frame 0's latent
+depends on the later frames too); and the caption is encoded with that first frame as the image by
+`ImagePromptEncoders` (`config.text` with its vision fields), so the records' text length is the encoders'
+`states_len` (kept image tokens + text_len − the assistant header), which `data.text_len` must equal. The empty
+prompt for caption dropout is then encoded with a black image, as the sampler's negative prompt is.
+
 Buckets and frame sampling are `hyvideo_jax.data.video`'s (the VAE objective's `VideoFileSource` decodes the same
 way): a video goes to the bucket size of the closest aspect ratio and the longest bucket length it fills.
 
@@ -35,7 +43,8 @@ from hyvideo_jax.data.sources import MANIFEST, NULL_TEXT, read_manifest, write_j
 from hyvideo_jax.data.video import VIDEO_EXTENSIONS, SkipVideo, choose_size, decode_clip, probe_clip
 
 # PrepareConfig and the decoding names are re-exported: `prepare.decode_clip` etc. as before they moved.
-__all__ = ["SUMMARY", "read_captions", "ShardWriter", "write_null_text", "ClipEncoder", "prepare_videos", "main",
+__all__ = ["SUMMARY", "read_captions", "ShardWriter", "write_null_text", "first_frame_image", "ClipEncoder",
+           "image_condition_type", "prepare_videos", "main",
            "PrepareConfig", "VIDEO_EXTENSIONS", "SkipVideo", "choose_size", "decode_clip", "probe_clip", "write_json"]
 
 SUMMARY = "summary.json"
@@ -99,7 +108,7 @@ class ShardWriter:
 def write_null_text(out: str, encoder: "ClipEncoder", data: DataConfig):
     """The empty prompt's encoding (what caption dropout trains on) as NULL_TEXT in `out`: rounded to the records'
     text dtype as the clips are, stored as fp32 (plain NumPy reads it)."""
-    states, mask, pooled = (np.asarray(a)[0] for a in encoder.text.encode_prompts([""]))
+    states, mask, pooled = (np.asarray(a)[0] for a in encoder.encode_empty())
     as_records = lambda a: a.astype(numpy_dtype(data.text_dtype)).astype(np.float32)  # noqa: E731
     buffer = io.BytesIO()
     np.savez(buffer, text_states=as_records(states), text_mask=mask.astype(np.int32), pooled_text=as_records(pooled))
@@ -109,8 +118,15 @@ def write_null_text(out: str, encoder: "ClipEncoder", data: DataConfig):
 
 
 # ------------------------------------------------------------------------------------------------------ encoding
+def first_frame_image(video: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] of a clip's frame 0 (video [T, H, W, 3] in [-1, 1], from decoded uint8 pixels)."""
+    return np.clip(np.round((video[0] + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 class ClipEncoder:
-    """The VAE and the text encoders of a config, jitted; `encode(videos, captions)` for one bucket's batch."""
+    """The VAE and the text encoders of a config, jitted; `encode(videos, captions)` for one bucket's batch. For
+    an image-to-video model (`config.model.image_condition_type`) the text encoders are `ImagePromptEncoders`, and
+    `image_latents(videos)` gives the first frames' own latents (module docstring)."""
 
     def __init__(self, config):
         import jax
@@ -118,26 +134,65 @@ class ClipEncoder:
         from hyvideo_jax.convert.vae import load_vae
         from hyvideo_jax.models.vae import HunyuanVideoVAE
         from hyvideo_jax.models.vae_tiling import encode_video
-        from hyvideo_jax.text import TextEncoders
 
         prep = PrepareConfig.from_config(config.data.prepare)
         self.data = DataConfig.from_config(config.data)
         self.batch = prep.vae_batch_size
+        self.image_condition_type = image_condition_type(config)
+        if self.image_condition_type is None:
+            from hyvideo_jax.text import TextEncoders
+            self.text = TextEncoders.from_config(config.text)
+        else:
+            from hyvideo_jax.image_prompts import ImagePromptEncoders
+            self.text = ImagePromptEncoders.from_config(config.text, image_condition_type=self.image_condition_type)
+            if self.data.text_len != self.text.states_len:
+                raise ValueError(f"data.text_len {self.data.text_len} differs from the length of the image-"
+                                 f"conditioned text states, {self.text.states_len} ({self.text.image_len()} image "
+                                 f"tokens + text.text_len {self.text.text.text_len} - {self.text.header_drop} "
+                                 f"assistant-header tokens): set data.text_len={self.text.states_len}")
+            if not self.data.with_image_latent:
+                raise ValueError(f"data.with_image_latent: the model is image-to-video ({self.image_condition_type}),"
+                                 f" whose clips hold their first frame's latent: set it to True")
         vae_config, params = load_vae(prep.vae_checkpoint, config.vae.model, prep.vae_seed)
         self.vae_config, self.vae_params = vae_config, params
         model = HunyuanVideoVAE(vae_config)
         self._encode_video = jax.jit(lambda p, v: encode_video(model, p, v))
-        self.text = TextEncoders.from_config(config.text)
+
+    def encode_empty(self):
+        """The empty prompt's (text_states [1, L, D], text_mask [1, L], pooled [1, Dp]); image-to-video: with a
+        black image, as the sampler's negative prompt."""
+        if self.image_condition_type is None:
+            return self.text.encode_prompts([""])
+        size = self.text.llava_config.vision.image_size
+        return self.text.encode_negative([""], size, size)
+
+    def _padded(self, videos: list[np.ndarray]) -> np.ndarray:
+        """The videos stacked and padded with black ones to `vae_batch_size` (each bucket compiles once)."""
+        return np.stack(videos + [np.zeros_like(videos[0])] * (self.batch - len(videos)))
 
     def encode(self, videos: list[np.ndarray], captions: list[str]):
-        """(latents [n, t, h, w, C], text_states [n, L, D], text_mask [n, L], pooled [n, Dp]) as numpy; the batch
-        is padded to `vae_batch_size` so that each bucket compiles once."""
+        """(latents [n, t, h, w, C], text_states [n, L, D], text_mask [n, L], pooled [n, Dp]) as numpy; for an
+        image-to-video model the captions are encoded with the clips' first frames as images."""
         n = len(videos)
-        pad = self.batch - n
-        video = np.stack(videos + [np.zeros_like(videos[0])] * pad)
+        video = self._padded(videos)
         latents = np.asarray(self._encode_video(self.vae_params, video))[:n]
-        states, mask, pooled = (np.asarray(a)[:n] for a in self.text.encode_prompts(captions + [""] * pad))
+        prompts = captions + [""] * (len(video) - n)
+        if self.image_condition_type is None:
+            encoded = self.text.encode_prompts(prompts)
+        else:
+            encoded = self.text.encode_prompts(prompts, [first_frame_image(v) for v in video])
+        states, mask, pooled = (np.asarray(a)[:n] for a in encoded)
         return latents, states, mask, pooled
+
+    def image_latents(self, videos: list[np.ndarray]) -> np.ndarray:
+        """[n, 1, h, w, C]: each clip's first frame encoded alone (the image latent of image-to-video)."""
+        return np.asarray(self._encode_video(self.vae_params, self._padded(videos)[:, :1]))[:len(videos)]
+
+
+def image_condition_type(config) -> str | None:
+    """The image-to-video kind of the config's transformer (`model.image_condition_type`), None without one."""
+    model = config.get("model") if hasattr(config, "get") else None
+    return None if model is None else model.get("image_condition_type")
 
 
 def prepare_videos(videos: str, captions: str, out: str, config, progress: bool = True,
@@ -173,13 +228,16 @@ def prepare_videos(videos: str, captions: str, out: str, config, progress: bool 
     def flush(shape):
         nonlocal written
         group = groups.pop(shape)
-        latents, states, mask, pooled = encoder.encode([g[1] for g in group], [g[2] for g in group])
-        for (name, video, caption, fps), lat, st, mk, po in zip(group, latents, states, mask, pooled):
+        videos = [g[1] for g in group]
+        latents, states, mask, pooled = encoder.encode(videos, [g[2] for g in group])
+        images = [None] * len(group) if encoder.image_condition_type is None else encoder.image_latents(videos)
+        for (name, video, caption, fps), lat, st, mk, po, im in zip(group, latents, states, mask, pooled, images):
             writer.add(TokenizedClip(
                 latents=lat.astype(numpy_dtype(data.latent_dtype)), text_states=st.astype(numpy_dtype(data.text_dtype)),
                 text_mask=mk.astype(np.int32), pooled_text=po.astype(numpy_dtype(data.text_dtype)), caption=caption,
                 source_id=name, num_frames=video.shape[0], fps=prep.fps, height=video.shape[1], width=video.shape[2],
-                temporal_compression=rt, spatial_compression=rs))
+                temporal_compression=rt, spatial_compression=rs,
+                image_latent=None if im is None else im.astype(numpy_dtype(data.latent_dtype))))
             written += 1
 
     for name in tqdm(pending, desc="prepare", unit="video", disable=not progress):

@@ -10,6 +10,9 @@ holds `schema_version`, the scalar fields and, for each array, its dtype, shape 
     text_states  [L, D]        bfloat16, float16 or float32, the LLM states after the template crop
     text_mask    [L]           int32, 1 for a token, 0 for padding
     pooled_text  [Dp]          same dtype family as text_states, the CLIP pooled vector
+    image_latent [1, H, W, C]  optional, the latents' dtype: the clip's first frame encoded alone (image-to-video
+                               training; the causal VAE's latent frame 0 of the clip differs from it, since its
+                               GroupNorm statistics span all frames)
 
 Scalars: caption, source_id (file name of the source video), num_frames, fps, height, width (pixels of the
 encoded clip) and the VAE compression (temporal, spatial) that links pixel and latent sizes.
@@ -31,6 +34,7 @@ MAGIC = b"HYVCLIP\x00"
 LATENT_DTYPES = ("bfloat16", "float16")
 TEXT_DTYPES = ("bfloat16", "float16", "float32")
 ARRAY_FIELDS = ("latents", "text_states", "text_mask", "pooled_text")
+OPTIONAL_ARRAY_FIELDS = ("image_latent",)   # absent from a record that does not hold it (text-to-video)
 _HEADER_LEN = struct.Struct("<I")
 
 
@@ -58,6 +62,7 @@ class TokenizedClip:
     width: int
     temporal_compression: int = 4
     spatial_compression: int = 8
+    image_latent: np.ndarray | None = None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -101,6 +106,12 @@ class TokenizedClip:
             fail("caption and source_id must be strings")
         if not self.fps > 0:
             fail(f"fps must be positive, got {self.fps}")
+        if self.image_latent is not None:
+            if not isinstance(self.image_latent, np.ndarray) or self.image_latent.dtype != self.latents.dtype:
+                fail(f"image_latent must be a numpy array of the latents' dtype {self.latents.dtype.name}")
+            if self.image_latent.shape != (1, *self.latents.shape[1:]):
+                fail(f"image_latent must have shape {(1, *self.latents.shape[1:])} (one latent frame of the "
+                     f"latents' size), got {self.image_latent.shape}")
         return self
 
 
@@ -108,7 +119,9 @@ def serialize(clip: TokenizedClip) -> bytes:
     """Bytes of one validated record (see the module docstring for the layout)."""
     clip.validate()
     arrays, offset, buffers = {}, 0, []
-    for name in ARRAY_FIELDS:
+    for name in ARRAY_FIELDS + OPTIONAL_ARRAY_FIELDS:
+        if getattr(clip, name) is None:
+            continue
         value = np.ascontiguousarray(getattr(clip, name))
         arrays[name] = dict(dtype=value.dtype.name, shape=list(value.shape), offset=offset, nbytes=value.nbytes)
         buffers.append(value.tobytes())
@@ -147,7 +160,7 @@ def deserialize(data: bytes, where: str = "record") -> TokenizedClip:
     if missing:
         raise RecordError(f"{where}: record header lacks {missing}")
     arrays = {}
-    for name in ARRAY_FIELDS:
+    for name in ARRAY_FIELDS + tuple(f for f in OPTIONAL_ARRAY_FIELDS if f in header["arrays"]):
         spec = header["arrays"][name]
         try:
             dtype = numpy_dtype(spec["dtype"])
@@ -169,11 +182,13 @@ def deserialize(data: bytes, where: str = "record") -> TokenizedClip:
 
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:
-    """What a pipeline expects of every clip: the latent channels and the text shapes of its config."""
+    """What a pipeline expects of every clip: the latent channels and the text shapes of its config, and whether
+    it must hold `image_latent` (image-to-video training)."""
     latent_channels: int
     text_len: int
     text_dim: int
     pooled_dim: int
+    image_latent: bool = False
 
     def check(self, clip: TokenizedClip, where: str = "clip") -> TokenizedClip:
         """Raise RecordError naming `where` if `clip` disagrees with this spec; returns the clip."""
@@ -184,4 +199,8 @@ class ClipSpec:
         for what, (got, want) in expected.items():
             if got != want:
                 raise RecordError(f"{where}: {what} is {got}, the data config expects {want}")
+        if self.image_latent and clip.image_latent is None:
+            raise RecordError(f"{where}: no image_latent (the first frame's own latent), which image-to-video "
+                              f"training reads (data.with_image_latent): prepare the clips with the image-to-video "
+                              f"config, which writes it")
         return clip

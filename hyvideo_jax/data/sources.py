@@ -55,13 +55,18 @@ class RandomClipSource:
         s = self.spec
         mask = np.zeros(s.text_len, np.int32)
         mask[:rng.integers(1, s.text_len + 1)] = 1
+        latents = rng.standard_normal((t, h, w, s.latent_channels), np.float32).astype(self.latent_dtype)
+        text_states = rng.standard_normal((s.text_len, s.text_dim), np.float32).astype(self.text_dtype)
+        pooled_text = rng.standard_normal(s.pooled_dim, np.float32).astype(self.text_dtype)
+        # Drawn last, so the other arrays are the same with or without it; near the latents' frame 0, as a real
+        # first frame's own latent is.
+        image_latent = None if not s.image_latent else (
+            latents[:1].astype(np.float32) + 0.1 * rng.standard_normal(latents[:1].shape, np.float32)
+        ).astype(self.latent_dtype)
         return TokenizedClip(
-            latents=rng.standard_normal((t, h, w, s.latent_channels), np.float32).astype(self.latent_dtype),
-            text_states=rng.standard_normal((s.text_len, s.text_dim), np.float32).astype(self.text_dtype),
-            text_mask=mask,
-            pooled_text=rng.standard_normal(s.pooled_dim, np.float32).astype(self.text_dtype),
+            latents=latents, text_states=text_states, text_mask=mask, pooled_text=pooled_text,
             caption=f"random clip {index}", source_id=f"random-{index}", num_frames=(t - 1) * 4 + 1, fps=24.0,
-            height=h * 8, width=w * 8)
+            height=h * 8, width=w * 8, image_latent=image_latent)
 
 
 def read_manifest(folder: str) -> dict:
