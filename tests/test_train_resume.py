@@ -2,6 +2,7 @@
 each time, logs the same per-step losses, reads the same data and ends with bitwise the same state as an
 uninterrupted run; a half-written checkpoint left in the folder is never restored."""
 
+import contextlib
 import glob
 import os
 import re
@@ -10,8 +11,10 @@ import signal
 
 import jax
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 
 from hyvideo_jax import train
+from hyvideo_jax.compilation import CacheCounter
 from tests.cli_runs import final_state, overrides, run_here, signal_after, start
 
 STEPS = 12
@@ -26,10 +29,21 @@ def run(workdir, cache_dir, stop_after=None, sig=signal.SIGKILL):
     return proc.wait(timeout=300), logged
 
 
+@contextlib.contextmanager
+def programs_from(cache_dir):
+    """JAX's persistent compilation cache at `cache_dir` while inside (whatever this process used before)."""
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    compilation_cache.reset_cache()   # JAX decides at its next compile whether (and where) it reads a cache
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.reset_cache()
+
+
 def test_killed_runs_resume_bitwise(tmp_path):
     reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
-    run_here(reference, overrides(STEPS))   # uninterrupted, in this process: the same flags, devices and XLA flags
-
     rc, first_kill = run(resumed, None, stop_after=4)
     assert rc == -signal.SIGKILL and first_kill < STEPS
     left_over = glob.glob(os.path.join(resumed, "checkpoints", "*.orbax-checkpoint-tmp*"))
@@ -47,6 +61,13 @@ def test_killed_runs_resume_bitwise(tmp_path):
     shutil.rmtree(os.path.join(half, "state", "d"))
     assert run(resumed, None)[0] == 0
     compilation_report(tmp_path / "resumed.log")
+
+    # Uninterrupted, in this process (the same flags, devices and XLA flags), with the programs the first start
+    # compiled (read from its cache: the comparison below is of the runs, not of two compiles of one program).
+    with programs_from(os.path.join(resumed, "compilation_cache")), CacheCounter() as cached:
+        run_here(reference, overrides(STEPS))
+    print(f"uninterrupted run: {cached.hits} programs read from the resumed run's compilation cache, "
+          f"{cached.writes} compiled")
 
     ref_metrics, got = train.read_metrics(reference), train.read_metrics(resumed)
     ref_losses = [ref_metrics[s]["loss"] for s in range(1, STEPS + 1)]
