@@ -10,7 +10,9 @@ The validation loss is the flow-matching MSE (unweighted) of the velocity predic
 σ of a fixed grid (`eval.num_sigmas` midpoints of [0, 1], or `eval.sigmas`), the noise of clip i at grid point k drawn
 from (eval.seed, i, k): the same number for the same weights whatever the batch size, the mesh or the number of
 processes, comparable across checkpoints and runs. It is reported overall (the mean over σ) and per σ; each σ's is a
-mean over clips, summed on the host in float64 in clip order, so two runs give the same bits.
+mean over clips, summed on the host in float64 in clip order, so two runs give the same bits. For an image-to-video
+transformer the loss is the training objective's: the clip's first-frame latent conditions the model, and the
+mean runs over latent frames 1.. (`flow.loss_frames`).
 
 The training loop evaluates at `train.eval_every_steps` and at its final step (`TrainingEvaluator`), writing through
 its CLU writers (TensorBoard and metrics.jsonl; the contact sheet as a TensorBoard image). The command evaluates a
@@ -35,6 +37,7 @@ from hyvideo_jax import flow
 from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.convert.dit_sources import inference_config
 from hyvideo_jax.data import pipeline
+from hyvideo_jax.models import image_condition
 from hyvideo_jax.models.dit import HunyuanVideoDiT
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
 from hyvideo_jax.parallel.sharding import batch_sharding, replicated
@@ -151,14 +154,17 @@ class LossEvaluator:
         noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], jnp.float32))(keys)
         sigmas = jnp.full((b,), sigma, jnp.float32)
         guidance = flow.guidance_input(None, b, self.flow) if self.guidance_embed else None
-        prediction = self.model.apply({"params": params}, flow.noised(x, noise, sigmas), 1000.0 * sigmas,
+        kind = self.model.config.image_condition_type
+        image = None if kind is None else batch["image_latent"].astype(jnp.float32)
+        inputs = image_condition.model_input(kind, flow.noised(x, noise, sigmas), image)
+        prediction = self.model.apply({"params": params}, inputs, 1000.0 * sigmas,
                                       batch["text_states"], batch["text_mask"], batch["pooled_text"], guidance)
-        error = jnp.square(prediction.astype(jnp.float32) - flow.velocity_target(x, noise))
-        return jnp.mean(error.reshape(b, -1), axis=-1)
+        return flow.framed_mse(prediction, flow.velocity_target(x, noise), flow.loss_frames(kind, x.shape[1]))
 
     def _place(self, host: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         sharding = batch_sharding(self.mesh, self.rules, self.batch_size)
-        arrays = {k: host[k] for k in ("latents", "text_states", "text_mask", "pooled_text")}
+        arrays = {k: host[k] for k in ("latents", "text_states", "text_mask", "pooled_text", "image_latent")
+                  if k in host}
         arrays["record_index"] = host["record_index"].astype(np.int32)
         return {k: jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i]) for k, v in arrays.items()}
 

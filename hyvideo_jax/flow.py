@@ -14,6 +14,14 @@ The cfg-distilled model also takes the embedded guidance scale: a constant, or f
 uniformly from a range per sample; the model input is scale × 1000 rounded to bf16 as the released pipelines do
 (6.0 → 6016.0).
 
+Image-to-video (a model with `image_condition_type`, HunyuanVideo-I2V): x is the clip's latents [B, T, H, W, C],
+T ≥ 2, and `image_latent` [B, 1, H, W, C] its first frame encoded alone (what the sampler conditions on; the
+causal VAE's latent frame 0 of the whole clip is not it, since its GroupNorm statistics span all frames). The
+model reads `models.image_condition.model_input(kind, x_σ, image_latent)`: for "token_replace" x_σ with frame 0
+replaced by the clean image latent (modulated with timestep 0 inside the model), for "latent_concat" [x_σ | image
+latent on frame 0 | mask]. The loss is the mean over latent frames 1.. only: frame 0 is given, never generated (the
+sampler keeps or drops it). (The official I2V trainer, for the concatenating model, averages over every frame.)
+
 Sampling integrates σ from 1 to 0 on `sigma_schedule(N, shift)` = shift(linspace(1, 0, N + 1)) with Euler steps
 x ← x + v·(σ_next − σ).
 """
@@ -27,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyvideo_jax.config_fields import from_fields
+from hyvideo_jax.models import image_condition
 
 SIGMA_DENSITIES = ("uniform", "logit_normal", "mode")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
@@ -162,18 +171,44 @@ def caption_dropped(rngs, rate: float):
     return jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 3), rate))(rngs)
 
 
+def loss_frames(image_condition_type: str | None, num_frames: int):
+    """[T] fp32 weights of the latent frames in the loss, 1 on frames 1.. for image-to-video (frame 0 is the given
+    image); None for text-to-video (every frame). A weight rather than a slice keeps the sharded token axis whole."""
+    if image_condition_type is None:
+        return None
+    if num_frames < 2:
+        raise ValueError(f"image-to-video training needs clips of at least 2 latent frames (frame 0 is the image, "
+                         f"the loss is on the later ones), got {num_frames}: use buckets of 5 frames or more")
+    return (jnp.arange(num_frames) >= 1).astype(jnp.float32)
+
+
+def framed_mse(prediction, target, frames):
+    """Per-sample mean squared error [B] over the frames weighted 1 by `frames` [T] (latents [B, T, ...]; None:
+    over all of them)."""
+    error = jnp.square(prediction.astype(jnp.float32) - target)
+    if frames is None:
+        return jnp.mean(error.reshape(error.shape[0], -1), axis=-1)
+    per_frame = jnp.sum(error.reshape(*error.shape[:2], -1), axis=-1)   # [B, T]
+    return jnp.sum(per_frame * frames, axis=-1) / (jnp.sum(frames) * math.prod(error.shape[2:]))
+
+
 def flow_matching_objective(model, config: FlowConfig, caption_dropout: float = 0.0,
                             null_text: Mapping[str, Any] | None = None) -> Callable:
     """`objective(params, batch, rngs) -> (loss_sum, sums)` for the DiT on a batch of tokenized clips.
 
-    batch: latents [B, T, H, W, C], text_states [B, L, D], text_mask [B, L], pooled_text [B, Dp] and optionally
-    valid [B] (padding slots count zero). rngs: one PRNG key per sample [B] (so a sample draws the same σ, ε and
-    guidance whatever micro-batch it lands in). Returns Σ_b valid_b·w(σ_b)·mean((v_b − (ε_b − x_b))²) and a dict of
-    sums over valid samples, including "count" (the number of valid samples): the mean loss is loss_sum / count.
+    batch: latents [B, T, H, W, C], text_states [B, L, D], text_mask [B, L], pooled_text [B, Dp], for an
+    image-to-video model image_latent [B, 1, H, W, C] (module docstring), and optionally valid [B] (padding slots
+    count zero). rngs: one PRNG key per sample [B] (so a sample draws the same σ, ε and guidance whatever
+    micro-batch it lands in). Returns Σ_b valid_b·w(σ_b)·mean((v_b − (ε_b − x_b))²) (image-to-video: the mean over
+    frames 1..) and a dict of sums over valid samples, including "count" (the number of valid samples): the mean
+    loss is loss_sum / count.
     With `caption_dropout` > 0, each sample trains on `null_text` ({"text_states" [L, D], "text_mask" [L],
-    "pooled_text" [Dp]}, the empty prompt) instead of its caption with that chance (`caption_dropped`).
+    "pooled_text" [Dp]}, the empty prompt; for an image-to-video model encoded with a black image, as the
+    sampler's negative prompt is) instead of its caption with that chance (`caption_dropped`); the image latent
+    stays.
     """
     cfg = model.config
+    kind = cfg.image_condition_type
     if caption_dropout > 0 and null_text is None:
         raise ValueError("caption dropout needs the empty prompt's encoding (null_text)")
 
@@ -192,10 +227,15 @@ def flow_matching_objective(model, config: FlowConfig, caption_dropout: float = 
         guidance = None
         if cfg.guidance_embed:
             guidance = jax.vmap(lambda k: guidance_input(k, 1, config)[0])(keys[:, 2])
-        prediction = model.apply({"params": params}, noised(x, noise, sigma), 1000.0 * sigma,
+        frames = loss_frames(kind, x.shape[1])
+        if kind is not None and "image_latent" not in batch:
+            raise ValueError(f"an image-to-video model ({kind}) trains on batches with image_latent "
+                             f"(data.with_image_latent)")
+        image = None if kind is None else batch["image_latent"].astype(jnp.float32)
+        inputs = image_condition.model_input(kind, noised(x, noise, sigma), image)
+        prediction = model.apply({"params": params}, inputs, 1000.0 * sigma,
                                  batch["text_states"], batch["text_mask"], batch["pooled_text"], guidance)
-        error = jnp.square(prediction.astype(jnp.float32) - velocity_target(x, noise))
-        mse = jnp.mean(error.reshape(b, -1), axis=-1)
+        mse = framed_mse(prediction, velocity_target(x, noise), frames)
         valid = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones((b,), jnp.float32)
         loss_sum = jnp.sum(valid * loss_weight(sigma, config.loss_weighting) * mse)
         sums = {"loss": loss_sum, "mse": jnp.sum(valid * mse), "sigma": jnp.sum(valid * sigma),

@@ -1,7 +1,9 @@
 """What the trainer trains: a model and its objective (`Task`), one per `train.objective` (the registry
 `OBJECTIVES`). "flow" is the DiT by flow matching on tokenized clips (with optional caption dropout and LoRA
-adapters, `config.lora`), "vae" the VAE's reconstruction + KL objective on videos. An objective returns a sum over
-a micro-batch's samples and how many it counts, so the train step's accumulation gives the batch mean exactly.
+adapters, `config.lora`; image-to-video when `config.model.image_condition_type` is set, on clips that hold their
+first frame's latent, `data.with_image_latent`), "vae" the VAE's reconstruction + KL objective on videos. An
+objective returns a sum over a micro-batch's samples and how many it counts, so the train step's accumulation gives
+the batch mean exactly.
 """
 
 from typing import Any, Callable, Mapping, NamedTuple
@@ -31,13 +33,29 @@ class Task(NamedTuple):
     lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig()
 
 
+def check_clips(cfg: DiTConfig, data: pipeline.DataConfig):
+    """ValueError naming the field if the clips of `data` do not fit the transformer `cfg`: their latent channels
+    (the latent_concat model reads [latents | image latent | mask], 2C + 1 channels, and predicts C) and, for an
+    image-to-video model, their first-frame latents (`data.with_image_latent`)."""
+    kind = cfg.image_condition_type
+    channels, field = (cfg.out_channels, "out_channels") if kind == "latent_concat" else (cfg.in_channels,
+                                                                                         "in_channels")
+    if data.latent_channels != channels:
+        raise ValueError(f"data.latent_channels {data.latent_channels} differs from model.{field} {channels}")
+    if data.with_image_latent != (kind is not None):
+        raise ValueError(
+            f"data.with_image_latent is {data.with_image_latent}, model.image_condition_type {kind!r}: "
+            + ("image-to-video training reads each clip's first-frame latent: prepare the clips with this config "
+               "(it writes them) and set data.with_image_latent=True" if kind is not None else
+               "the first-frame latents are for image-to-video models; set data.with_image_latent=False"))
+
+
 def flow_task(config) -> Task:
     cfg = DiTConfig.from_config(config.model)
     model = HunyuanVideoDiT(cfg)
     data = pipeline.DataConfig.from_config(config.data)
-    if data.latent_channels != cfg.in_channels:
-        raise ValueError(f"data.latent_channels {data.latent_channels} differs from model.in_channels "
-                         f"{cfg.in_channels}")
+    check_clips(cfg, data)
+    kind = cfg.image_condition_type
 
     def example(mesh):
         # As many image tokens as the 'sequence' axis has devices: sequence-parallel attention splits them.
@@ -57,20 +75,28 @@ def flow_task(config) -> Task:
         return 3.0 * sum(forward_flops(cfg, n_img, shapes["text_states"][1], b))   # forward + backward
     objective = flow.flow_matching_objective(model, flow.FlowConfig.from_config(config.flow), data.caption_dropout,
                                              null_text(config, data) if data.caption_dropout > 0 else None)
-    return Task(model, objective, example,
-                ("latents", "text_states", "text_mask", "pooled_text", "valid"), tokens, model_flops,
+    keys = ("latents", "text_states", "text_mask", "pooled_text", "valid") + (("image_latent",) if kind else ())
+    return Task(model, objective, example, keys, tokens, model_flops,
                 lora_lib.LoRAConfig.from_config(config.get("lora")))
 
 
 def null_text(config, data: pipeline.DataConfig) -> dict[str, np.ndarray]:
     """The empty prompt's encoding for caption dropout: the one prepare stored beside the clips, else encoded now
-    by the config's text encoders."""
+    by the config's text encoders (for an image-to-video model, `ImagePromptEncoders` with a black image, as the
+    sampler encodes its negative prompt)."""
     stored = pipeline.read_null_text(data.path) if data.source == "arrayrecord" else None
     if stored is None:
-        from hyvideo_jax.text import TextEncoders
         logging.info("Encoding the empty prompt for caption dropout (%s has none stored)", data.path or data.source)
-        stored = dict(zip(("text_states", "text_mask", "pooled_text"),
-                          (np.asarray(a)[0] for a in TextEncoders.from_config(config.text).encode_prompts([""]))))
+        kind = DiTConfig.from_config(config.model).image_condition_type
+        if kind is None:
+            from hyvideo_jax.text import TextEncoders
+            encoded = TextEncoders.from_config(config.text).encode_prompts([""])
+        else:
+            from hyvideo_jax.image_prompts import ImagePromptEncoders
+            encoders = ImagePromptEncoders.from_config(config.text, image_condition_type=kind)
+            size = encoders.llava_config.vision.image_size
+            encoded = encoders.encode_negative([""], size, size)
+        stored = dict(zip(("text_states", "text_mask", "pooled_text"), (np.asarray(a)[0] for a in encoded)))
     want = {"text_states": (data.text_len, data.text_dim), "text_mask": (data.text_len,),
             "pooled_text": (data.pooled_dim,)}
     for key, shape in want.items():

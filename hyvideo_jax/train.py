@@ -40,7 +40,7 @@ from hyvideo_jax import lora as lora_lib
 from hyvideo_jax.data import pipeline
 from hyvideo_jax.metrics import METRICS_FILE, JsonlWriter, read_metrics
 from hyvideo_jax.models.dit import DiTConfig
-from hyvideo_jax.objectives import OBJECTIVES
+from hyvideo_jax.objectives import OBJECTIVES, check_clips
 from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
 from hyvideo_jax.paths import resolve
 # The state and the step, re-exported: `train` is the one module a training script or test needs.
@@ -105,6 +105,7 @@ def validate_config(config) -> dict[str, Any]:
             raise ValueError(f"data.source: 'videos' gives pixels, which only the 'vae' objective trains on; "
                              f"train.objective is {train.objective!r}")
         sections.update(model=DiTConfig.from_config(config.model), flow=flow.FlowConfig.from_config(config.flow))
+        check_clips(sections["model"], sections["data"])
         if sections["flow"].guidance_range:
             raise ValueError(f"flow.guidance_range {sections['flow'].guidance_range}: the flow-matching target does "
                              f"not depend on the embedded guidance, so sampling it per sample teaches the model to "
