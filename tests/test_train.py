@@ -102,7 +102,7 @@ def test_vae_objective_trains_through_the_same_step():
     video = np.stack([np.stack([0.8 * xx, 0.8 * yy, 0.5 * xx * yy], -1), np.stack([0.8 * yy, -0.8 * xx, 0.3 + 0 * xx],
                                                                                     -1)])[:, None].astype(np.float32)
     losses = []
-    for _ in range(30):
+    for _ in range(15):
         (state, metrics), _ = step(state, step.global_batch({"video": video}), jax.random.PRNGKey(0))
         losses.append(float(metrics["loss"]))
     print("VAE losses through train_step:", [round(x, 4) for x in losses[::5]], "last", round(losses[-1], 4))
