@@ -244,8 +244,16 @@ def test_cli_makes_a_video_from_an_image_file(tmp_path):
     np.testing.assert_allclose(latents[:1], image_latent[0], rtol=0, atol=1e-5)
     assert np.abs(latents[1:] - image_latent[0]).max() > 0.5
 
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and "image-to-video (token_replace): give images (--image)" in proc.stderr
+    # Without --image (what the command's main runs, in this process): a sentence, before any denoising.
+    from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tiny_i2v_cli", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    mesh = create_mesh(MeshConfig(ici=(1, 1, 1, 1)), jax_devices()[:1])
+    with pytest.raises(ValueError, match=r"image-to-video \(token_replace\): give images \(--image\)"):
+        sample.run(module.get_config(), prompts=["a red ball"], torch_weights=str(weights),
+                   out=str(tmp_path / "no_image.mp4"), mesh=mesh)
 
 
 def test_i2v_preset_is_the_released_token_replace_model():
