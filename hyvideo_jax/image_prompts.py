@@ -34,7 +34,7 @@ import numpy as np
 from hyvideo_jax.models.text_encoders import CLIPTextEncoder, LlamaTextModel
 from hyvideo_jax.models.vision import CLIPVisionConfig, LlavaImageEncoder, LlavaVisionConfig
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
-from hyvideo_jax.text import TEXT_FIELDS, TextEncoders
+from hyvideo_jax.text import DEMO_FIELDS, TEXT_FIELDS, TextEncoders, pretrained_fields, require_paths
 
 IMAGE_TOKEN = "<image>"
 # diffusers' DEFAULT_PROMPT_TEMPLATE of the I2V pipeline (crop_start 103 with the released tokenizer).
@@ -268,21 +268,12 @@ class ImagePromptEncoders:
                              f"got {image_condition_type!r}")
         common = {"image_interleave": c.get("image_interleave") or IMAGE_INTERLEAVE[image_condition_type]}
         if c.get("demo"):
-            demo_keys = ("seed", "text_len", "clip_len", "llm_layers", "llm_heads", "llm_kv_heads", "clip_layers",
-                         "clip_heads", "words") + vision_keys
-            return cls.demo(c["llm_dim"], c["clip_dim"], mesh=mesh, **{k: c[k] for k in demo_keys if k in c},
-                            **common)
-        for field in ("llava_path", "clip_path"):
-            if not c.get(field):
-                raise ValueError(f"text.{field} is empty: give the folder of the downloaded model, or set "
-                                 f"text.demo=True for the small random encoders")
+            return cls.demo(c["llm_dim"], c["clip_dim"], mesh=mesh,
+                            **{k: c[k] for k in DEMO_FIELDS + vision_keys if k in c}, **common)
+        require_paths(c, ("llava_path", "clip_path"))
         return cls.from_pretrained(
-            c["llava_path"], c["clip_path"], llava_tokenizer_dir=c.get("llm_tokenizer_path") or None,
-            clip_tokenizer_dir=c.get("clip_tokenizer_path") or None, dtype=c.get("dtype", "bfloat16"),
-            param_dtype=c.get("param_dtype", "bfloat16"),
-            hidden_state_skip_layer=c.get("hidden_state_skip_layer", 2),
-            crop_start=c.get("crop_start_i2v") or OFFICIAL_I2V_CROP_START, mesh=mesh,
-            text_len=c.get("text_len", 256), clip_len=c.get("clip_len", 77), **common)
+            c["llava_path"], c["clip_path"], llava_tokenizer_dir=c.get("llm_tokenizer_path") or None, mesh=mesh,
+            crop_start=c.get("crop_start_i2v") or OFFICIAL_I2V_CROP_START, **pretrained_fields(c), **common)
 
 
 def _encode(llm_config, clip_config, llava_config, llm_params, clip_params, vision_params, pixels, input_ids,

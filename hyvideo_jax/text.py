@@ -258,20 +258,32 @@ class TextEncoders:
         if unknown:
             raise ValueError(f"unknown text config field(s) {unknown}; known fields are {sorted(TEXT_FIELDS)}")
         if c.get("demo"):
-            demo_keys = ("seed", "text_len", "clip_len", "llm_layers", "llm_heads", "llm_kv_heads", "clip_layers",
-                         "clip_heads", "words")
-            return cls.demo(c["llm_dim"], c["clip_dim"], mesh=mesh, **{k: c[k] for k in demo_keys if k in c})
-        for field in ("llm_path", "clip_path"):
-            if not c.get(field):
-                raise ValueError(f"text.{field} is empty: give the folder of the downloaded model, or set "
-                                 f"text.demo=True for the small random encoders")
+            return cls.demo(c["llm_dim"], c["clip_dim"], mesh=mesh, **{k: c[k] for k in DEMO_FIELDS if k in c})
+        require_paths(c, ("llm_path", "clip_path"))
         return cls.from_pretrained(
-            c["llm_path"], c["clip_path"], llm_tokenizer_dir=c.get("llm_tokenizer_path") or None,
-            clip_tokenizer_dir=c.get("clip_tokenizer_path") or None, dtype=c.get("dtype", "bfloat16"),
-            param_dtype=c.get("param_dtype", "bfloat16"),
-            hidden_state_skip_layer=c.get("hidden_state_skip_layer", 2), mesh=mesh,
-            text_len=c.get("text_len", 256), clip_len=c.get("clip_len", 77),
-            crop_start={"video": c.get("crop_start_video"), "image": c.get("crop_start_image")})
+            c["llm_path"], c["clip_path"], llm_tokenizer_dir=c.get("llm_tokenizer_path") or None, mesh=mesh,
+            crop_start={"video": c.get("crop_start_video"), "image": c.get("crop_start_image")},
+            **pretrained_fields(c))
+
+
+# The `demo` arguments a `config.text` section may set, and the fields both encoders' `from_pretrained` read.
+DEMO_FIELDS = ("seed", "text_len", "clip_len", "llm_layers", "llm_heads", "llm_kv_heads", "clip_layers", "clip_heads",
+               "words")
+
+
+def pretrained_fields(c: Mapping[str, Any]) -> dict[str, Any]:
+    """dtypes, skipped layers, lengths and the CLIP tokenizer folder of a `config.text` dict, with their defaults."""
+    return dict(clip_tokenizer_dir=c.get("clip_tokenizer_path") or None, dtype=c.get("dtype", "bfloat16"),
+                param_dtype=c.get("param_dtype", "bfloat16"),
+                hidden_state_skip_layer=c.get("hidden_state_skip_layer", 2), text_len=c.get("text_len", 256),
+                clip_len=c.get("clip_len", 77))
+
+
+def require_paths(c: Mapping[str, Any], fields: Sequence[str]) -> None:
+    for field in fields:
+        if not c.get(field):
+            raise ValueError(f"text.{field} is empty: give the folder of the downloaded model, or set "
+                             f"text.demo=True for the small random encoders")
 
 
 def _place(params, shardings):
