@@ -26,8 +26,10 @@ def get_config():
         crop_start_i2v=103,           # BOS + template tokens before the prompt, the <image> token counted once
         image_interleave=0,           # keep every n-th image feature; 0: the model's (4 token_replace, 2 concat)
     ))
-    # The released I2V text states: 576 / 4 = 144 image tokens + 256 - 4 text tokens.
+    # The released I2V text states: 576 / 4 = 144 image tokens + 256 - 4 text tokens; clips prepared for this model
+    # also hold their first frame's own latent, the image the transformer is conditioned on.
     config.data.text_len = 144 + config.text.text_len - 4
+    config.data.with_image_latent = True
     # The official sampling of the token-replace model (--i2v-stability: shift 7, embedded guidance 6.0, 50 steps).
     config.sample.update(dict(shift=7.0, guidance=6.0, steps=50, image_resize="crop", negative_image_interleave=0))
     return config

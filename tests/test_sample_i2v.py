@@ -267,6 +267,7 @@ def test_i2v_preset_is_the_released_token_replace_model():
     assert (dit.image_condition_type, dit.in_channels, dit.depth_double, dit.guidance_embed) == (
         "token_replace", 16, 20, True)
     assert config.data.text_len == 576 // IMAGE_INTERLEAVE["token_replace"] + 256 - 4
+    assert config.data.with_image_latent
     assert sample.SampleConfig.from_config(config.sample).image_resize == "crop"
     with pytest.raises(ValueError, match="text.llava_path is empty"):
         ImagePromptEncoders.from_config(config.text)
