@@ -236,7 +236,7 @@ class Demo:
         sampler = Sampler.from_config(config, workdir=self.workdir)
         seeds = [self.config.demo.sample_seed + i for i in range(len(scenes))]
         result = sampler.generate([s.caption for s in scenes], seeds=seeds, videos_per_prompt=1)
-        write_outputs(result, self.path("samples", "sample.mp4"), sampler.config.fps, save_latents=False)
+        write_outputs(result, self.path("samples", "sample.mp4"), sampler.config.fps, save_latents=True)
         rates = caption_following(result.videos, scenes)
         real = uint8_frames(read_videos(self.path("held_out"), self.config))
         write_contact_sheet(self.path(SHEET), real, result.videos, scenes, rates["read"])

@@ -17,8 +17,8 @@ def build(data_dir, name, clips, version=SCHEMA_VERSION):
     import tensorflow_datasets as tfds
 
     def example(c):
-        fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
-                  if f.name not in ("temporal_compression", "spatial_compression")}
+        fields = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)   # optional arrays it does not hold
+                  if f.name not in ("temporal_compression", "spatial_compression") and getattr(c, f.name) is not None}
         return {**fields, "schema_version": version}
     tfds.dataset_builders.store_as_tfds_dataset(
         name, "1.0.0", pipeline.tfds_features(CONFIG.spec, "float16", "float32"),
