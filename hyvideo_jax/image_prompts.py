@@ -34,7 +34,8 @@ import numpy as np
 from hyvideo_jax.models.text_encoders import CLIPTextEncoder, LlamaTextModel
 from hyvideo_jax.models.vision import CLIPVisionConfig, LlavaImageEncoder, LlavaVisionConfig
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
-from hyvideo_jax.text import DEMO_FIELDS, TEXT_FIELDS, TextEncoders, pretrained_fields, require_paths
+from hyvideo_jax.text import (DEMO_FIELDS, TEXT_FIELDS, TextEncoders, _prefix_length, pretrained_fields,
+                              require_paths)
 
 IMAGE_TOKEN = "<image>"
 # diffusers' DEFAULT_PROMPT_TEMPLATE of the I2V pipeline (crop_start 103 with the released tokenizer).
@@ -56,11 +57,12 @@ END_HEADER = "<|end_header_id|>"
 IMAGE_INTERLEAVE = {"token_replace": 4, "latent_concat": 2}
 
 
-def clip_image_processor(**kwargs):
-    """transformers' CLIP image processor on its PIL backend (resize the short side, centre crop, normalize)."""
+def clip_image_processor(folder: str | None = None, **kwargs):
+    """transformers' CLIP image processor on its PIL backend (resize the short side, centre crop, normalize), from
+    a folder's `preprocessor_config.json` or from `kwargs`."""
     import transformers
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    return cls(**kwargs)
+    return cls.from_pretrained(folder) if folder is not None else cls(**kwargs)
 
 
 def black_images(count: int, height: int, width: int) -> list:
@@ -93,8 +95,7 @@ class ImagePromptEncoders:
         self.end_header_id = tok.convert_tokens_to_ids(END_HEADER)
         self.header_drop = len(tok(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"])
         text.templates["i2v"] = template
-        text.crop_start["i2v"] = (len(tok(template.split("{}")[0], add_special_tokens=True)["input_ids"])
-                                  if crop_start is None else int(crop_start))
+        text.crop_start["i2v"] = _prefix_length(tok, template) if crop_start is None else int(crop_start)
         self.image_interleave = self._check_interleave(image_interleave)
         self._encode = jax.jit(functools.partial(_encode, text.llm_config, text.clip_config, llava_config))
 
@@ -207,7 +208,6 @@ class ImagePromptEncoders:
 
         from hyvideo_jax.convert.text_encoders import load_clip_text, load_llama
         from hyvideo_jax.convert.vision import load_llava_vision
-        import transformers
         vision_dtypes = {"dtype": dtype, "param_dtype": param_dtype}
         llava_cfg, vision_params = load_llava_vision(llava_dir, mesh=mesh, rules=rules, vision=vision_dtypes)
         llm_cfg, llm_params = load_llama(llava_dir, mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype,
@@ -216,8 +216,7 @@ class ImagePromptEncoders:
         llm_tok = AutoTokenizer.from_pretrained(llava_tokenizer_dir or llava_dir)
         clip_tok = AutoTokenizer.from_pretrained(clip_tokenizer_dir or clip_dir)
         hf = json.loads((epath.Path(llava_dir) / "config.json").read_text())
-        processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-        processor = processor_cls.from_pretrained(llava_dir)
+        processor = clip_image_processor(llava_dir)
         text = TextEncoders(llm_tok, llm_cfg, llm_params, clip_tok, clip_cfg, clip_params, mesh=mesh, **kwargs)
         return cls(text, llava_cfg, vision_params, processor, image_token_id=hf.get("image_token_index"),
                    crop_start=crop_start, image_interleave=image_interleave)
