@@ -14,32 +14,89 @@ Backends are registered by name in `BACKENDS`; the config picks one (`model.atte
   splash   Pallas splash attention on TPU with segment ids (`hyvideo_jax.models.splash_attention`).
 """
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from hyvideo_jax.models.chunked_attention import chunked_attention
+from hyvideo_jax.models.chunked_attention import chunked_attention, softmax_scale, tag_residuals
 from hyvideo_jax.models.layers import ATTENTION_RESIDUALS
 from hyvideo_jax.models.splash_attention import splash_attention
 
 
-def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False):
-    """Reference attention: the full [B, H, Lq, Lk] score matrix, fp32 logits and softmax."""
-    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+def _full_mask(q_segment_ids, kv_segment_ids, lq, lk, causal):
+    """[B | 1, 1, Lq, Lk] bool: the keys each query may see; None when it sees them all."""
     mask = None
     if q_segment_ids is not None:
         mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
     if causal:
         # Queries and keys are aligned at the start (self-attention without a cache).
-        lower = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+        lower = jnp.tril(jnp.ones((lq, lk), bool))[None, None]
         mask = lower if mask is None else mask & lower
+    return mask
+
+
+def _full_probs(q, k, mask, lse=None):
+    """exp(logits - m) [B, H, Lq, Lk] fp32 and m [B, H, Lq, 1]: the row max, or the forward's log-sum-exp when given
+    (then the probabilities are normalized). Masked logits are the lowest float, so a masked key weighs 0 next to any
+    visible one. fp32 q is scaled before the product ([B, Lq, H, D] instead of the score matrix); other dtypes
+    after it, in fp32, so that the scale is not rounded to q's precision."""
+    scale = softmax_scale(q)
+    if q.dtype == jnp.float32:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+    m = logits.max(-1, keepdims=True) if lse is None else lse[..., None]
+    return jnp.exp(logits - m), m
+
+
+def _full_forward(q, k, v, q_segment_ids, kv_segment_ids, causal):
+    """(output [B, Lq, H, D] in q's dtype, log-sum-exp [B, H, Lq] fp32). The softmax is normalized after the product
+    with v, on [B, Lq, H, D] rather than on the score matrix."""
+    p, m = _full_probs(q, k, _full_mask(q_segment_ids, kv_segment_ids, q.shape[1], k.shape[1], causal))
+    total = p.sum(-1, keepdims=True)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.moveaxis(total, 1, 2)).astype(q.dtype), (m + jnp.log(total))[..., 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _full(q, k, v, q_segment_ids, kv_segment_ids, causal):
+    return _full_forward(q, k, v, q_segment_ids, kv_segment_ids, causal)[0]
+
+
+def _full_fwd(q, k, v, q_segment_ids, kv_segment_ids, causal):
+    out, lse = tag_residuals(*_full_forward(q, k, v, q_segment_ids, kv_segment_ids, causal))
+    return out, (q, k, v, q_segment_ids, kv_segment_ids, out, lse)
+
+
+def _full_bwd(causal, residuals, d_out):
+    """Recompute the probabilities P from q, k and the log-sum-exp instead of keeping a score matrix per layer:
+    dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dq = dS k · scale, dk = dSᵀ q · scale, dv = Pᵀ dO."""
+    q, k, v, q_segment_ids, kv_segment_ids, out, lse = residuals
+    scale = softmax_scale(q)
+    p, _ = _full_probs(q, k, _full_mask(q_segment_ids, kv_segment_ids, q.shape[1], k.shape[1], causal), lse)
+    delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    d_out = d_out.astype(v.dtype)
+    dv = jnp.einsum("bhqk,bqhd->bkhd", p.astype(v.dtype), d_out, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta[..., None])).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k, preferred_element_type=jnp.float32) * scale
+    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q, preferred_element_type=jnp.float32) * scale
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_full.defvjp(_full_fwd, _full_bwd)
+
+
+def xla_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False):
+    """Reference attention: the full [B, H, Lq, Lk] score matrix, fp32 logits and softmax. Its backward recomputes
+    the scores from q, k and the saved log-sum-exp (like the blockwise kernels), so a stack of layers keeps
+    [B, L, H, D] arrays per layer for it, not score matrices."""
+    return _full(q, k, v, q_segment_ids, kv_segment_ids, causal)
 
 
 def cudnn_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False, *, implementation="cudnn"):
@@ -80,4 +137,4 @@ def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal: bool 
     if backend == "splash":
         return splash_attention(q, k, v, q_segment_ids, kv_segment_ids, causal=causal, blocks=splash)
     out = BACKENDS[backend](q, k, v, q_segment_ids, kv_segment_ids, causal=causal)
-    return out if backend == "chunked" else checkpoint_name(out, ATTENTION_RESIDUALS)
+    return out if backend in ("chunked", "xla") else checkpoint_name(out, ATTENTION_RESIDUALS)

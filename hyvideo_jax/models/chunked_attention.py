@@ -27,7 +27,7 @@ from hyvideo_jax.models.layers import ATTENTION_RESIDUALS
 _Q_PAD, _K_PAD = -2, -1  # segment ids of padding rows / columns: they match nothing
 
 
-def _scale(q):
+def softmax_scale(q):
     """1/sqrt(D) for q [..., D]."""
     return 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
 
@@ -165,7 +165,7 @@ def fold_key_grads(grads, qb, gb, kvb, scale, causal=False):
 
 def _forward(q, k, v, qseg, kseg, causal, block_q, block_k):
     qb = query_blocks(q, qseg, block_q)
-    state = fold_keys(blocked_state(qb), qb, key_blocks(k, v, kseg, block_k), _scale(q), causal)
+    state = fold_keys(blocked_state(qb), qb, key_blocks(k, v, kseg, block_k), softmax_scale(q), causal)
     out, lse = finish_blocks(state, q.dtype)
     return from_blocks(out, q.shape[1]), lse  # lse stays blocked: [nq, B, H, bq]
 
@@ -191,7 +191,7 @@ def _chunked_bwd(causal, block_q, block_k, residuals, d_out):
     qb, kvb = query_blocks(q, qseg, block_q), key_blocks(k, v, kseg, block_k)
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
     dq, dk, dv = fold_key_grads((zeros(qb[0]), zeros(kvb[0]), zeros(kvb[1])), qb,
-                                grad_blocks(d_out, out, lse, block_q), kvb, _scale(q), causal)
+                                grad_blocks(d_out, out, lse, block_q), kvb, softmax_scale(q), causal)
     return (from_blocks(dq, q.shape[1]).astype(q.dtype), from_blocks(dk, k.shape[1]).astype(k.dtype),
             from_blocks(dv, k.shape[1]).astype(v.dtype), None, None)
 

@@ -62,7 +62,10 @@ class DiTConfig:
     guidance_embed: bool = True
     param_dtype: str = "float32"
     dtype: str = "float32"
-    remat_policy: str = "none"
+    # Keep the weight matmuls' outputs and the attention residuals, recompute the elementwise work (layers.
+    # REMAT_POLICIES): on CPU the DiT's forward+backward is ~10 % faster than with "none" (which also keeps every
+    # elementwise intermediate) and holds less; training presets choose theirs from the AOT table.
+    remat_policy: str = "attention_dots"
     attention_backend: str = "xla"
     sequence_parallel: str = "auto"  # over the mesh axis 'sequence': ulysses | ring | auto (ulysses if heads allow)
     # The splash kernels' block sizes (attention_backend "splash"), in tokens, and its fused backward (SplashBlocks):
