@@ -169,11 +169,13 @@ def test_sample_command_takes_the_demo_workdir(demo_run, tmp_path):
 
 
 def test_image_to_video_starts_from_the_image(demo_run, tmp_path):
-    """`sample.run` with `--image` on the demo's checkpoint read as a token-replace transformer (the I2V model has
-    the same parameters) and the demo's trained VAE: the first frame of the video is a held-out video's first frame
-    up to the VAE's own round-trip error on that image (fast run: 23.9 dB against 24.0 dB for the square here; the
-    other frames go through the VAE's decoder with it, whose group norms see every frame); the last frame, which the
-    image does not fix, is far from it."""
+    """`sample.run` with `--image` (one per prompt) on the demo's checkpoint read as a token-replace transformer (the
+    I2V model has the same parameters) and the demo's trained VAE, for six held-out scenes: the first frame of each
+    video is the scene's first frame up to about the VAE's own round trip of that image alone, and far closer to it
+    than the last frame, which the image does not fix. The decoder's group norms see every frame, so the generated
+    frames move the first one's decode too (one fast run: first frames 18.8-23.5 dB, on average 1.9 dB below the round
+    trip, 0-4.4 dB per scene over other seeds; 7-13 dB above the last frames); a wrong image latent puts the first
+    frame where the last ones are."""
     import PIL.Image
 
     from hyvideo_jax import sample
@@ -185,20 +187,24 @@ def test_image_to_video_starts_from_the_image(demo_run, tmp_path):
     with config.unlocked():
         config.model.image_condition_type = "token_replace"
     sc = sample.SampleConfig.from_config(config.sample)
-    scene = demo.held_out_scenes(config)[1]
-    first = render(scene, sc.frames, sc.height, sc.width)[0]
-    PIL.Image.fromarray(first).save(tmp_path / "first.png")
+    scenes = demo.held_out_scenes(config)[:6]
+    firsts = [render(scene, sc.frames, sc.height, sc.width)[0] for scene in scenes]
+    files = []
+    for i, first in enumerate(firsts):
+        files.append(str(tmp_path / f"first_{i}.png"))
+        PIL.Image.fromarray(first).save(files[-1])
     mesh = create_mesh(MeshConfig(ici=(1, 1, 1, 1)), jax.devices()[:1])
-    _, result, sampler = sample.run(config, prompts=[scene.caption], images=[str(tmp_path / "first.png")],
-                                    workdir=workdir, mesh=mesh, out=str(tmp_path / "i2v.mp4"))
-    round_trip = sampler.decode(sampler.image_latents([first], sc.height, sc.width))[0, 0]
-    video = result.videos[0]
-    first_psnr, round_trip_psnr = demo.psnr(video[0], first), demo.psnr(round_trip, first)
-    last_psnr = demo.psnr(video[-1], first)
-    print(f"image to video on the demo model: first frame {first_psnr:.1f} dB against the image, the VAE's round trip "
-          f"of the image alone {round_trip_psnr:.1f} dB, last frame {last_psnr:.1f} dB")
-    assert first_psnr >= round_trip_psnr - 2.0
-    assert last_psnr < first_psnr - 3.0
+    _, result, sampler = sample.run(config, prompts=[s.caption for s in scenes], images=files, workdir=workdir,
+                                    mesh=mesh, out=str(tmp_path / "i2v.mp4"))
+    round_trips = sampler.decode(sampler.image_latents(firsts, sc.height, sc.width))[:, 0]
+    first_psnr = np.array([demo.psnr(v[0], f) for v, f in zip(result.videos, firsts)])
+    round_trip_psnr = np.array([demo.psnr(r, f) for r, f in zip(round_trips, firsts)])
+    last_psnr = np.array([demo.psnr(v[-1], f) for v, f in zip(result.videos, firsts)])
+    print(f"image to video on the demo model, six scenes (dB against each image): first frames "
+          f"{np.round(first_psnr, 1)}, the VAE's round trip of the images alone {np.round(round_trip_psnr, 1)}, "
+          f"last frames {np.round(last_psnr, 1)}")
+    assert first_psnr.mean() >= round_trip_psnr.mean() - 4.0
+    assert np.all(first_psnr >= last_psnr + 5.0)
 
 
 def set_parameters(notebook, **values):
