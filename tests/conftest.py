@@ -34,21 +34,6 @@ except ImportError:  # torch is a test dependency; tests that need it import it 
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for the whole test session, shared by the xdist workers: many tests compile
-    the same tiny programs (train steps, samplers, VAE passes), and a program one of them compiled is read by the
-    others. Tests that study the cache set their own directory and put this one back."""
-    from jax.experimental.compilation_cache import compilation_cache
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent   # the session's folder, above each worker's own
-    jax.config.update("jax_compilation_cache_dir", str(shared / "compilation_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    compilation_cache.reset_cache()
-    yield
-
-
 @pytest.fixture(scope="session")
 def demo_clips(tmp_path_factory):
     """The demo's data at test size (tests/demo_data.py), prepared once per test process."""
