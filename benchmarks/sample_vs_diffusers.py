@@ -100,9 +100,7 @@ def bench(name, true_cfg, args):
     got = ours()
     first = time.perf_counter() - t0
     ref = theirs()   # warm-up, and the latents to compare
-    # Alternate the two so that both see the same load on a shared machine.
-    pairs = [(best_of(ours, 1), best_of(theirs, 1)) for _ in range(args.repeats)]
-    ours_s, theirs_s = (min(times) for times in zip(*pairs))
+    ours_s, theirs_s = best_of([ours, theirs], args.repeats)   # in turn: both see the same load
     err = relative_error(got, ref.permute(0, 2, 3, 4, 1).numpy())
     tokens = latent[0] * (latent[1] // 2) * (latent[2] // 2)
     label = f"{name} ({n_params / 1e6:.2f}M, {tokens}+{text_len} tok, B{batch})" + (" +CFG" if true_cfg else "")
