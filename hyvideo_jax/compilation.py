@@ -9,6 +9,10 @@ A restarted (preempted) run finds its programs in the cache, so it resumes witho
 is the one JAX reads: `jax_compilation_cache_dir` (or JAX_COMPILATION_CACHE_DIR) when set, which takes precedence.
 JAX decides once per process, at its first compile, whether it uses a cache, so this is set before anything compiles.
 Programs that compile faster than `jax_persistent_cache_min_compile_time_secs` (default 1 s) are not written.
+
+Programs that run once per process (parameter initialization) are compiled with `run_once_options()`: on CPU,
+LLVM's optimisation level 0, which compiles the demo VAE's initializer in 2.4 s instead of 17.4 s with the same
+parameters bit for bit (it then runs in 13 ms instead of 3).
 """
 
 import threading
@@ -66,3 +70,10 @@ class CacheCounter:
         with _lock:
             _counters.remove(self)
         return False
+
+
+def run_once_options() -> dict:
+    """`jax.jit(..., compiler_options=...)` for a program that runs once (a model's initializer): XLA:CPU's backend
+    optimisation level 0, where compiling, not running, is what the program costs. The arithmetic is the same (XLA
+    keeps fast-math off at every level). Empty on other platforms, whose compilers keep their defaults."""
+    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}

@@ -23,6 +23,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hyvideo_jax import lora as lora_lib
+from hyvideo_jax.compilation import run_once_options
 from hyvideo_jax.config_fields import from_fields
 from hyvideo_jax.models.dit import DiTConfig
 from hyvideo_jax.objectives import OBJECTIVES, Task
@@ -192,7 +193,7 @@ def create_train_state(task: Task, tx, config: TrainConfig, mesh, rng, rules=LOG
         with nn.logical_axis_rules(rules):
             return nn.unbox(_init_boxed(task, tx, config, mesh, r))
     with jax.set_mesh(mesh):
-        return jax.jit(init, out_shardings=shardings)(rng)
+        return jax.jit(init, out_shardings=shardings, compiler_options=run_once_options())(rng)
 
 
 def state_from_params(task: Task, tx, config: TrainConfig, mesh, params, rng=None,
@@ -204,8 +205,8 @@ def state_from_params(task: Task, tx, config: TrainConfig, mesh, params, rng=Non
     rng = jax.random.PRNGKey(0) if rng is None else rng
     weights = shardings.frozen if task.lora.enabled else shardings.params
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jax.jit(lambda p, r: nn.unbox(_new_state(task, tx, config, p, r)),
-                       in_shardings=(weights, None), out_shardings=shardings)(params, rng)
+        return jax.jit(lambda p, r: nn.unbox(_new_state(task, tx, config, p, r)), in_shardings=(weights, None),
+                       out_shardings=shardings, compiler_options=run_once_options())(params, rng)
 
 
 def pretrained_params(config, mesh, rules=LOGICAL_AXIS_RULES, shardings=None):

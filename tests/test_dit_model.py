@@ -171,3 +171,22 @@ def test_rope_tables_are_computed_in_the_program_not_baked_in():
     sizes = [int(np.prod([int(d) for d in m.group(1).split(",") if d] or [1]))
              for m in re.finditer(r"(?:f32|s32|bf16)\[([\d,]*)\][^ ]* constant\(", hlo)]
     assert max(sizes) < 1024, sorted(sizes)[-3:]
+
+
+def test_initializer_compiled_once_draws_the_same_parameters():
+    """`init_sharded` compiles the initializer with `run_once_options()` (on CPU optimisation level 0, for compile
+    time): the parameters equal, bit for bit, those of the same initializer compiled at XLA's default level 2."""
+    from hyvideo_jax.compilation import run_once_options
+    from hyvideo_jax.parallel.mesh import MeshConfig, create_mesh
+    from hyvideo_jax.parallel.sharding import init_sharded
+    assert run_once_options() == {"xla_backend_optimization_level": 0}   # the tests run on CPU
+    cfg = tiny_config()
+    inputs = [jnp.asarray(a) for a in example_inputs(cfg, b=1)]
+    mesh = create_mesh(MeshConfig(ici=(1, 1, 1, 1)), devices=jax.devices()[:1])
+    ours = init_sharded(HunyuanVideoDiT(cfg), mesh, jax.random.PRNGKey(3), *inputs)
+    level2 = jax.jit(lambda r: nn.unbox(HunyuanVideoDiT(cfg).init(r, *inputs))["params"],
+                     compiler_options={"xla_backend_optimization_level": 2})(jax.random.PRNGKey(3))
+    leaves = jax.tree_util.tree_leaves_with_path(ours)
+    assert len(leaves) > 50 and any(float(jnp.std(x)) > 0 for _, x in leaves)
+    for (path, a), b in zip(leaves, jax.tree_util.tree_leaves(level2)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))

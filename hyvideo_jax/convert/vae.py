@@ -20,6 +20,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from hyvideo_jax.compilation import run_once_options
 from hyvideo_jax.convert.torch_io import TensorSource, require_torch, to_torch, write_safetensors_folder
 from hyvideo_jax.models.vae import HunyuanVideoVAE, VAEConfig
 from hyvideo_jax.paths import writable_folder
@@ -253,7 +254,8 @@ def load_vae(source: str = "", config: VAEConfig | Mapping | None = None, seed: 
     if not source:
         config = VAEConfig.from_config(config if config is not None else VAEConfig())
         # jitted: tracing the VAE's init once compiled is faster than running it op by op
-        return config, jax.jit(lambda key: init_params(config, key))(jax.random.PRNGKey(seed))
+        init = jax.jit(lambda key: init_params(config, key), compiler_options=run_once_options())
+        return config, init(jax.random.PRNGKey(seed))
     if is_flax_model(source):
         saved, params = load_flax_model(source, kind="vae")
         return VAEConfig.from_config(saved), params

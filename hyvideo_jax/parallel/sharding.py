@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hyvideo_jax.compilation import run_once_options
 from hyvideo_jax.parallel.rules import LOGICAL_AXIS_RULES
 
 Rules = Sequence[tuple[str, Any]]
@@ -58,7 +59,7 @@ def init_sharded(model: nn.Module, mesh: Mesh, rng, *example_inputs, rules: Rule
         with nn.logical_axis_rules(rules):
             return nn.unbox(model.init(r, *example_inputs)["params"])
     with jax.set_mesh(mesh):
-        return jax.jit(init, out_shardings=shardings)(rng)
+        return jax.jit(init, out_shardings=shardings, compiler_options=run_once_options())(rng)
 
 
 def place_params(params, boxed_or_shardings, mesh: Mesh | None = None, rules: Rules = LOGICAL_AXIS_RULES):
