@@ -4,6 +4,12 @@ Prints forward and forward+backward seconds for both and the ratio ours / diffus
 targets: ≤ 0.8 for the forward and ≤ 1.0 for forward+backward, and the design target ≤ 0.67 (≥ 1.5× faster) for
 both; for our `xla` and `chunked` attention backends (first-call time includes compile). Both sides run in turn,
 best of `--repeats` rounds each.
+
+Then the roofline of this machine, measured in the same run: the model FLOPs (the forward counted by torch's
+`FlopCounterMode` on diffusers' model, its CPU flash attention included; forward+backward 3× that, no recompute), the
+best fp32 matmul rate of XLA and torch here, each side's achieved rate in model FLOPs, and the rate a target needs:
+nearly all the FLOPs are matmuls, so a target that needs more than the best matmul rate cannot be met on this CPU in
+fp32, and one that needs close to it leaves no time for the softmax, norms and elementwise work.
 Default: an 11.4M-parameter config, 1,344 tokens (1,280 image + 64 text), batch 2.
 
     python -m benchmarks.dit_vs_diffusers [--repeats=5] [--threads=2]
@@ -18,7 +24,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.utils import flop_counter  # noqa: E402
 from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 
 from hyvideo_jax.convert import load_torch_dit  # noqa: E402
@@ -42,6 +50,65 @@ def best_of(fns, repeats):
             fn()
             seen.append(time.perf_counter() - t0)
     return [min(seen) for seen in times]
+
+
+# matmul shapes (m, k, n) of the model (its projections and MLP at 2,688 tokens, one head's QKᵀ and PV) and a square
+GEMM_SHAPES = ((2688, 256, 1024), (2688, 1024, 256), (2688, 256, 1792), (1344, 64, 1344), (1344, 1344, 64),
+               (2048, 2048, 2048))
+
+
+def _count_cpu_flash_attention():
+    """Teach torch's FLOP counter the CPU flash attention ops (it knows the CUDA ones only)."""
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _forward(q, k, v, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(q, k, v)
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+def model_flops(fn) -> int:
+    """FLOPs of a torch call (attention included)."""
+    _count_cpu_flash_attention()
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def best_matmul_rate(repeats: int) -> tuple[float, str]:
+    """The best fp32 matmul rate (FLOP/s) of XLA and torch on this machine over `GEMM_SHAPES`, and where it was."""
+    rng = np.random.default_rng(0)
+    dot = jax.jit(jnp.matmul)
+    best = (0.0, "")
+    for m, k, n in GEMM_SHAPES:
+        a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+        ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+        jax.block_until_ready(dot(ja, jb))
+        t_jax, t_torch = best_of([lambda: jax.block_until_ready(dot(ja, jb)), lambda: torch.mm(ta, tb)],
+                                 max(repeats, 10))
+        for seconds, who in ((t_jax, "xla"), (t_torch, "torch")):
+            best = max(best, (2 * m * k * n / seconds, f"{who} {m}x{k}x{n}"))
+    return best
+
+
+def print_roofline(flops: dict, ours: dict, diffusers: dict, repeats: int):
+    """The model's FLOPs, the machine's best matmul rate, the achieved rates and what each target needs."""
+    rate, where = best_matmul_rate(repeats)
+    print(f"\nbest fp32 matmul rate here: {rate / 1e9:.0f} GFLOP/s ({where}); rates below in model FLOPs, ours "
+          f"with its faster backend; floor: the ratio ours / diffusers of a model that ran every FLOP at that rate")
+    print(f"{'':18s} {'GFLOP':>7s} {'ours GFLOP/s':>13s} {'diffusers GFLOP/s':>18s} {'floor/diffusers':>16s} "
+          f"{'target needs GFLOP/s':>21s}")
+    for name in TARGETS:
+        need = flops[name] / (TARGETS[name] * diffusers[name])
+        floor = flops[name] / rate / diffusers[name]
+        print(f"{name:18s} {flops[name] / 1e9:7.1f} {flops[name] / ours[name] / 1e9:13.0f} "
+              f"{flops[name] / diffusers[name] / 1e9:18.0f} {floor:16.2f} "
+              f"{need / 1e9:10.0f} ({need / rate:.0%} of best)")
 
 
 def main():
@@ -80,6 +147,9 @@ def main():
                                        pooled.numpy(), guidance.numpy())]
     torch_fwd(), torch_fwd_bwd()  # warm-up
     diffusers_fns = {"forward": torch_fwd, "forward+backward": torch_fwd_bwd}
+    forward_flops = model_flops(torch_fwd)
+    flops = {"forward": forward_flops, "forward+backward": 3 * forward_flops}
+    best = {"ours": {}, "diffusers": {}}
     print(f"{'':28s} {'ours (s)':>10s} {'diffusers (s)':>14s} {'ours/diffusers':>15s} {'target':>7s} "
           f"{'design':>7s} {'compile (s)':>12s}")
     for backend in ("xla", "chunked"):
@@ -97,6 +167,9 @@ def main():
             marks = [f"{'≤' + format(t, '.2f'):>6s}{'✓' if ratio <= t else '✗'}"
                      for t in (TARGETS[name], DESIGN_TARGET)]
             print(f"{label:28s} {mine:10.3f} {diffusers:14.3f} {ratio:15.2f} {' '.join(marks)} {first:12.2f}")
+            best["ours"][name] = min(best["ours"].get(name, mine), mine)
+            best["diffusers"][name] = min(best["diffusers"].get(name, diffusers), diffusers)
+    print_roofline(flops, best["ours"], best["diffusers"], args.repeats)
 
 
 if __name__ == "__main__":
