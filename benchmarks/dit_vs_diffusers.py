@@ -10,6 +10,7 @@ Then the roofline of this machine, measured in the same run: the model FLOPs (th
 best fp32 matmul rate of XLA and torch here, each side's achieved rate in model FLOPs, and the rate a target needs:
 nearly all the FLOPs are matmuls, so a target that needs more than the best matmul rate cannot be met on this CPU in
 fp32, and one that needs close to it leaves no time for the softmax, norms and elementwise work.
+
 Default: an 11.4M-parameter config, 1,344 tokens (1,280 image + 64 text), batch 2.
 
     python -m benchmarks.dit_vs_diffusers [--repeats=5] [--threads=2]
