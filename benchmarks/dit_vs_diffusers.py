@@ -59,22 +59,15 @@ GEMM_SHAPES = ((2688, 256, 1024), (2688, 1024, 256), (2688, 256, 1792), (1344, 6
 
 
 def _count_cpu_flash_attention():
-    """Teach torch's FLOP counter the CPU flash attention ops (it knows the CUDA ones only)."""
-    aten = torch.ops.aten
-    if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
-        return
-
-    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
-    def _forward(q, k, v, *args, out_shape=None, **kwargs):
-        return flop_counter.sdpa_flop_count(q, k, v)
-
-    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
-    def _backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
-        return flop_counter.sdpa_backward_flop_count(grad_out, q, k, v)
+    """Teach torch's FLOP counter the CPU flash attention op (it knows the CUDA ones only)."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(op)(
+            lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v))
 
 
 def model_flops(fn) -> int:
-    """FLOPs of a torch call (attention included)."""
+    """FLOPs of a torch forward call (attention included)."""
     _count_cpu_flash_attention()
     with flop_counter.FlopCounterMode(display=False) as counter:
         fn()
