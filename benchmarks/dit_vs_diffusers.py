@@ -11,12 +11,20 @@ best fp32 matmul rate of XLA and torch here, each side's achieved rate in model 
 nearly all the FLOPs are matmuls, so a target that needs more than the best matmul rate cannot be met on this CPU in
 fp32, and one that needs close to it leaves no time for the softmax, norms and elementwise work.
 
+Last, attention apart: both models again with their attention replaced by its values v (ours through a backend
+registered here, diffusers' by standing in for torch's `scaled_dot_product_attention` during its calls), all four in
+turn. What is left is each side's model without attention; the difference is each side's attention time (diffusers':
+torch's fused CPU flash kernel, forward and backward). From these, the ratio ours / diffusers we would reach with an
+attention exactly as fast as diffusers' (ours without attention + diffusers' attention time), and the attention time a
+target leaves us: a target below that ratio needs an attention faster than torch's fused kernel.
+
 Default: an 11.4M-parameter config, 1,344 tokens (1,280 image + 64 text), batch 2.
 
     python -m benchmarks.dit_vs_diffusers [--repeats=5] [--threads=2]
 """
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import time
@@ -31,6 +39,7 @@ from torch.utils import flop_counter  # noqa: E402
 from diffusers import HunyuanVideoTransformer3DModel  # noqa: E402
 
 from hyvideo_jax.convert import load_torch_dit  # noqa: E402
+from hyvideo_jax.models import attention as attention_lib  # noqa: E402
 from hyvideo_jax.models.dit import HunyuanVideoDiT  # noqa: E402
 
 CONFIG = dict(in_channels=16, out_channels=16, num_attention_heads=4, attention_head_dim=64, num_layers=2,
@@ -105,6 +114,58 @@ def print_roofline(flops: dict, ours: dict, diffusers: dict, repeats: int):
               f"{need / 1e9:10.0f} ({need / rate:.0%} of best)")
 
 
+def jitted(cfg, backend: str) -> dict:
+    """Our model's jitted forward and forward+backward (the loss as diffusers' side: mean square of the output)."""
+    ours = HunyuanVideoDiT(dataclasses.replace(cfg, attention_backend=backend))
+    return {"forward": jax.jit(lambda p, *a: ours.apply({"params": p}, *a)),
+            "forward+backward": jax.jit(jax.value_and_grad(lambda p, *a: jnp.mean(ours.apply({"params": p}, *a) ** 2)))}
+
+
+def _values(q, k, v, q_segment_ids=None, kv_segment_ids=None, causal=False):
+    """Attention replaced by its values: timing what is left of a model (self-attention, so Lq = Lk). The barrier
+    keeps q and k computed, as diffusers' eager forward computes them, instead of leaving them to dead-code removal."""
+    return jax.lax.optimization_barrier((q, k, v))[2]
+
+
+@contextlib.contextmanager
+def torch_attention_replaced():
+    """diffusers' attention (torch's `scaled_dot_product_attention`, which its processors look up at each call)
+    replaced by its values while inside."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = lambda *a, **kw: kw["value"] if "value" in kw else a[2]
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+
+
+def print_attention_apart(cfg, with_attention: dict, params, inputs, diffusers_fns: dict, repeats: int):
+    """Each model with and without its attention (ours with: `with_attention`, from `jitted`), all four in turn;
+    the ratio an attention as fast as diffusers' would give, and the attention time each target leaves us."""
+    attention_lib.BACKENDS.setdefault("values", _values)
+    print("\nattention apart (without: both sides' attention replaced by its values; attention = with - without)")
+    print(f"{'':18s} {'ours w/o (s)':>13s} {'diffusers w/o':>14s} {'ratio w/o':>10s} {'ours attn (s)':>14s} "
+          f"{'diffusers attn':>15s} {'ratio, attention as diffusers':>30s} {'target leaves ours attn (s)':>28s}")
+    programs = {"with": with_attention, "without": jitted(cfg, "values")}
+    for name, diffusers_fn in diffusers_fns.items():
+        def ours_fn(which, name=name):
+            return lambda: jax.block_until_ready(programs[which][name](params, *inputs))
+
+        def diffusers_without(fn=diffusers_fn):
+            with torch_attention_replaced():
+                fn()
+        for warm in (ours_fn("with"), ours_fn("without"), diffusers_without):
+            warm()
+        ours_with, theirs_with, ours_without, theirs_without = best_of(
+            [ours_fn("with"), diffusers_fn, ours_fn("without"), diffusers_without], repeats)
+        ours_attention, theirs_attention = ours_with - ours_without, theirs_with - theirs_without
+        as_theirs = (ours_without + theirs_attention) / theirs_with
+        leaves = TARGETS[name] * theirs_with - ours_without
+        print(f"{name:18s} {ours_without:13.3f} {theirs_without:14.3f} {ours_without / theirs_without:10.2f} "
+              f"{ours_attention:14.3f} {theirs_attention:15.3f} {as_theirs:30.2f} "
+              f"{leaves:10.3f} (≤{TARGETS[name]:.2f}: {leaves / theirs_attention:.2f}x diffusers')")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
@@ -146,11 +207,9 @@ def main():
     best = {"ours": {}, "diffusers": {}}
     print(f"{'':28s} {'ours (s)':>10s} {'diffusers (s)':>14s} {'ours/diffusers':>15s} {'target':>7s} "
           f"{'design':>7s} {'compile (s)':>12s}")
-    for backend in ("xla", "chunked"):
-        ours = HunyuanVideoDiT(dataclasses.replace(cfg, attention_backend=backend))
-        fwd = jax.jit(lambda p, *a: ours.apply({"params": p}, *a))
-        fwd_bwd = jax.jit(jax.value_and_grad(lambda p, *a: jnp.mean(ours.apply({"params": p}, *a) ** 2)))
-        for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
+    programs = {backend: jitted(cfg, backend) for backend in ("xla", "chunked")}
+    for backend, fns in programs.items():
+        for name, fn in fns.items():
             t0 = time.perf_counter()
             jax.block_until_ready(fn(params, *inputs))
             first = time.perf_counter() - t0
@@ -164,6 +223,7 @@ def main():
             best["ours"][name] = min(best["ours"].get(name, mine), mine)
             best["diffusers"][name] = min(best["diffusers"].get(name, diffusers), diffusers)
     print_roofline(flops, best["ours"], best["diffusers"], args.repeats)
+    print_attention_apart(cfg, programs["xla"], params, inputs, diffusers_fns, args.repeats)
 
 
 if __name__ == "__main__":
